@@ -1,0 +1,51 @@
+"""The `dsv3` command: each subcommand lives in its own module with `add_arguments(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported only when their subcommand runs (or for --help).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("dsv3.train.cli", "train a model (single process, --nproc N, or under torchrun)"),
+    "generate": ("dsv3.inference.cli", "generate text from a run directory or an HF checkpoint"),
+    "serve": ("dsv3.serving.cli", "OpenAI-compatible HTTP server over the inference engine"),
+    "convert": ("dsv3.checkpoint.cli", "convert checkpoints (HF <-> native, BF16 <-> FP8)"),
+    "plan": ("dsv3.plan.cli", "analytic cost model; `dsv3 plan pipeline` simulates pipeline schedules"),
+    "plot": ("dsv3.train.plot", "plot a run's loss curves and expert-load heatmap"),
+    "bench": ("dsv3.bench", "run the benchmarks in benchmarks/"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 from scratch: train, generate, serve, plan.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):
+                continue  # that part of dsv3 is not built yet: the subcommand is not listed
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except ValueError as e:  # bad input: a clear message, no traceback
+        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Typed configs with validation, HF config.json in/out and JSON presets.
+
+Field names follow HF `config.json` for model_type deepseek_v3, so a published config loads unchanged
+and `to_hf()` writes one that transformers reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+ROPE_TYPES = ("default", "yarn")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid config: {name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 architecture. Defaults are the 671B model's (REFERENCE.md)."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    # MLA
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # MoE
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8
+    n_group: int | None = 8
+    topk_group: int | None = 4
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight
+    seq_aux: bool = True
+    # MTP
+    num_nextn_predict_layers: int = 1
+    # RoPE
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 40.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+        }
+    )
+    rope_interleave: bool = True
+    # misc
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.006
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Layer index (MTP blocks continue the numbering) -> whether its FFN is a MoE."""
+        return (
+            self.is_moe
+            and layer_id >= self.first_k_dense_replace
+            and layer_id % max(self.moe_layer_freq, 1) == 0
+        )
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def kv_cache_values_per_token(self) -> int:
+        """Values the absorbed MLA cache holds per token per layer: norm(c_kv) and roped k_rope."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> ModelConfig:
+        """Raise ValueError naming the field for an impossible combination; return self."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+        _check(
+            isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            f"must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}",
+        )
+        _check(
+            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            "q_lora_rank",
+            f"must be null (plain wq) or a positive integer, got {self.q_lora_rank!r}",
+        )
+        _check(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        _check(self.initializer_range > 0, "initializer_range", "must be > 0")
+        _check(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+        _check(self.rope_theta > 0, "rope_theta", "must be > 0")
+        _check(
+            isinstance(self.num_nextn_predict_layers, int) and self.num_nextn_predict_layers >= 0,
+            "num_nextn_predict_layers",
+            "must be an integer >= 0",
+        )
+        _check(self.first_k_dense_replace >= 0, "first_k_dense_replace", "must be >= 0")
+        if self.is_moe:
+            E = self.n_routed_experts
+            _check(isinstance(E, int) and E > 0, "n_routed_experts", "must be a positive integer")
+            _check(
+                isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
+                "moe_intermediate_size",
+                "must be a positive integer",
+            )
+            _check(
+                self.n_shared_experts is None or self.n_shared_experts >= 0,
+                "n_shared_experts",
+                "must be >= 0",
+            )
+            _check(self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}")
+            _check(self.topk_method in TOPK_METHODS, "topk_method", f"must be one of {TOPK_METHODS}")
+            g = self.n_group or 1
+            tg = self.topk_group or 1
+            k = self.num_experts_per_tok
+            _check(g > 0, "n_group", "must be >= 1")
+            _check(E % g == 0, "n_group", f"n_routed_experts={E} is not divisible by n_group={g}")
+            _check(0 < tg <= g, "topk_group", f"must be in [1, n_group={g}], got {tg}")
+            _check(isinstance(k, int) and k > 0, "num_experts_per_tok", "must be a positive integer")
+            _check(
+                k <= tg * (E // g),
+                "num_experts_per_tok",
+                f"{k} is more than the {tg * (E // g)} experts in topk_group={tg} groups of {E // g}",
+            )
+            if self.topk_method == "noaux_tc" and g > 1:
+                _check(E // g >= 2, "n_group", "noaux_tc scores a group by its top-2 experts: need >= 2 per group")
+            _check(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+            _check(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
+            _check(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
+        if self.rope_scaling:
+            rt = self.rope_type
+            _check(rt in ROPE_TYPES, "rope_scaling", f"type must be one of {ROPE_TYPES}, got {rt!r}")
+            if rt == "yarn":
+                rs = self.rope_scaling
+                _check(
+                    isinstance(rs.get("factor"), int | float) and rs["factor"] >= 1,
+                    "rope_scaling.factor",
+                    "yarn needs a factor >= 1",
+                )
+                _check(
+                    isinstance(rs.get("original_max_position_embeddings"), int)
+                    and rs["original_max_position_embeddings"] > 0,
+                    "rope_scaling.original_max_position_embeddings",
+                    "yarn needs a positive integer",
+                )
+                bf, bs = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+                _check(bf > bs > 0, "rope_scaling.beta_fast", f"need beta_fast > beta_slow > 0, got {bf}, {bs}")
+        return self
+
+    # ---------------------------------------------------------------- HF in/out
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from an HF config.json dict (published or transformers-5 style)."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        # transformers 5 writes rope_parameters (rope_theta inside) instead of rope_scaling + rope_theta
+        rp = d.get("rope_parameters")
+        if rp:
+            rp = dict(rp)
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp.pop("rope_theta")
+            rtype = rp.get("rope_type", rp.get("type", "default"))
+            if rtype == "default":
+                kw["rope_scaling"] = None
+            else:
+                rp.pop("rope_type", None)
+                kw["rope_scaling"] = {"type": rtype, **rp}
+        elif "rope_scaling" in d:
+            rs = d["rope_scaling"]
+            if rs:
+                rs = dict(rs)
+                rtype = rs.pop("rope_type", rs.pop("type", "default"))
+                kw["rope_scaling"] = None if rtype == "default" else {"type": rtype, **rs}
+            else:
+                kw["rope_scaling"] = None
+        if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+            kw["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        if d.get("model_type") == "deepseek_v2" and "topk_method" not in d:
+            kw["topk_method"] = "greedy"
+        if d.get("model_type") == "deepseek_v2" and "scoring_func" not in d:
+            kw["scoring_func"] = "softmax"
+        if "initializer_range" not in d:
+            kw["initializer_range"] = 0.02
+        return cls(**kw).validate()
+
+    def to_hf(self) -> dict[str, Any]:
+        """HF config.json dict (model_type deepseek_v3; published field names)."""
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        v2_style = self.scoring_func == "softmax"
+        out = {
+            "architectures": ["DeepseekV2ForCausalLM" if v2_style else "DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v2" if v2_style else "deepseek_v3",
+            **d,
+            "num_key_value_heads": self.num_attention_heads,
+            "torch_dtype": "bfloat16",
+        }
+        return out
+
+    # ---------------------------------------------------------------- presets / files
+    @classmethod
+    def from_preset(cls, name: str) -> ModelConfig:
+        return cls.from_dict(load_preset(name)["model"])
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"invalid config: unknown model field(s) {unknown}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        return cls.from_hf(json.loads(Path(path).read_text()))
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("dsv3.presets").iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset is {"model": {...ModelConfig fields}, "train": {...optional TrainConfig overrides}}."""
+    path = resources.files("dsv3.presets") / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return json.loads(path.read_text())
+
+
+def coerce_value(current: Any, text: str, name: str) -> Any:
+    """Parse a CLI `key=value` string to the type of the field's current value."""
+    try:
+        if isinstance(current, bool):
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if isinstance(current, int) and not isinstance(current, bool):
+            if text.lower() in ("none", "null"):
+                return None
+            return int(text)
+        if isinstance(current, float):
+            v = float(text)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if current is None or isinstance(current, dict | list):
+            return json.loads(text) if text not in ("none", "None") else None
+        return text
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"invalid value for {name}: {text!r} (expected {type(current).__name__})") from None

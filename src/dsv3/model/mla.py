@@ -1,0 +1,147 @@
+"""Multi-head latent attention (MLA).
+
+Query:  q = wq_b(q_norm(wq_a x))  (or q = wq x without q_lora_rank), per head [q_nope (Dn); q_pe (R)].
+KV:     wkv_a x = [c_kv (C); k_pe (R)]; c = kv_norm(c_kv); k_pe is one head shared by all heads and
+        carries RoPE. wkv_b c = per head [k_nope (Dn); v (Dv)].
+
+Two ways to attend, same numbers:
+- naive (training, prefill): expand c through wkv_b into per-head K and V and run SDPA;
+- absorbed (decode): fold wkv_b's key half into the query and its value half into the output, so scores
+  are q_nope W_uk . c + q_pe . k_pe and attention runs over the latent itself. The cache then holds only
+  c (kv_lora_rank) and roped k_pe (qk_rope_head_dim) per token: 576 values for V3 instead of
+  2 * 128 heads * 128 dims.
+
+A cache is any object with `update(layer_id, c, pe) -> (c_all, pe_all)` returning the latent of all
+positions of the rows in this batch, `mask` ([B, S, T] bool, True = may attend, or None for causal
+over the new tokens alone) and `absorb` (use the absorbed path). The inference engine provides it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rope, softmax_scale
+
+
+class LatentCache(Protocol):
+    mask: torch.Tensor | None
+    absorb: bool
+
+    def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense weight of a Linear-like module (FP8 modules expose `dequantized_weight()`)."""
+    if hasattr(layer, "dequantized_weight"):
+        return layer.dequantized_weight()
+    return layer.weight
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        c = config
+        self.layer_id = layer_id
+        self.n_heads = c.num_attention_heads
+        self.q_lora_rank = c.q_lora_rank
+        self.kv_lora_rank = c.kv_lora_rank
+        self.qk_nope_head_dim = c.qk_nope_head_dim
+        self.qk_rope_head_dim = c.qk_rope_head_dim
+        self.qk_head_dim = c.qk_head_dim
+        self.v_head_dim = c.v_head_dim
+        self.rope_interleave = c.rope_interleave
+        self.softmax_scale = softmax_scale(c)
+        H, D = self.n_heads, c.hidden_size
+        if c.q_lora_rank is None:
+            self.wq = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(D, c.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.wq_b = nn.Linear(c.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(D, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * c.v_head_dim, D, bias=False)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]."""
+        B, S, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1
+        )
+        return q_nope, apply_rope(q_pe, cos, sin, self.rope_interleave)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]: what the cache stores."""
+        c, pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        pe = apply_rope(pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)
+        return self.kv_norm(c), pe
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+    ) -> torch.Tensor:
+        q_nope, q_pe = self.query(x, cos, sin)
+        c, pe = self.latent(x, cos, sin)
+        mask = None
+        if cache is not None:
+            c, pe = cache.update(self.layer_id, c, pe)
+            mask = cache.mask
+            if cache.absorb:
+                return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, mask))
+        return self.wo(self.attend_naive(q_nope, q_pe, c, pe, mask))
+
+    def attend_naive(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c: torch.Tensor,
+        pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Expand the latent to per-head K, V and run SDPA. mask None = causal. Returns [B, S, H*Dv]."""
+        B, S, H, _ = q_nope.shape
+        T = c.shape[1]
+        kv = self.wkv_b(c).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, pe.unsqueeze(2).expand(B, T, H, self.qk_rope_head_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, H, S, Dqk]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.unsqueeze(1),
+            is_causal=mask is None,
+            scale=self.softmax_scale,
+        )
+        return o.transpose(1, 2).reshape(B, S, H * self.v_head_dim)
+
+    def attend_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c: torch.Tensor,
+        pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention over the latent with wkv_b folded in. mask [B, S, T] (None = causal). [B, S, H*Dv]."""
+        B, S, H, _ = q_nope.shape
+        T = c.shape[1]
+        wkv_b = linear_weight(self.wkv_b).view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b.to(q_nope.dtype).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        scores = torch.einsum("bshc,btc->bsht", q_lat, c) + torch.einsum("bshr,btr->bsht", q_pe, pe)
+        scores = scores.float() * self.softmax_scale
+        if mask is None:
+            mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        p = scores.softmax(dim=-1).to(c.dtype)
+        o_lat = torch.einsum("bsht,btc->bshc", p, c)
+        o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv)
+        return o.reshape(B, S, H * self.v_head_dim)

@@ -1,0 +1,178 @@
+"""DeepSeekMoE: router, grouped routed experts and shared experts.
+
+Routing (per token, affinities s over the E routed experts):
+- scoring: s = sigmoid(u . e_i) (V3) or softmax over experts (V2);
+- selection uses s + b, where b = `e_score_correction_bias` (topk_method noaux_tc). b is a buffer moved
+  by the trainer after each step (auxiliary-loss-free balancing), never by gradient, and it never enters
+  the gate values: it only decides *which* experts a token uses;
+- group-limited top-k: experts are split into n_group groups (nodes), each token keeps the topk_group
+  best groups (group score: sum of its top-2 biased scores for noaux_tc, max for group_limited_greedy)
+  and picks its top-k experts inside them;
+- gate values: s of the chosen experts, normalised over them when norm_topk_prob, times
+  routed_scaling_factor.
+
+Experts run as grouped GEMMs over tokens sorted by expert (no Python loop over experts on the hot
+path). `GroupedExperts.forward_sorted` is the seam expert parallelism reuses after its all-to-all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.layers import MLP
+
+
+@dataclass
+class RouterStats:
+    """What training needs from one MoE layer's router on one forward."""
+
+    counts: torch.Tensor  # [E] tokens routed to each expert (float, no grad)
+    seq_balance_loss: torch.Tensor  # sum_i f_i P_i per sequence, averaged over sequences (no alpha)
+    aux_loss: torch.Tensor  # the same over the whole batch: the classic auxiliary loss (no alpha)
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E = config.n_routed_experts
+        self.n_experts = E
+        self.topk = config.num_experts_per_tok
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> affinities s [N, E] in float32 (gating stays in high precision)."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def select(
+        self, scores: torch.Tensor, group_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores [N, E] -> gate weights [N, K], expert indices [N, K].
+
+        group_mask [N, n_group] (bool) optionally restricts the allowed groups further (node-limited
+        routing under expert parallelism supplies it)."""
+        N = scores.shape[0]
+        biased = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = biased.view(N, self.n_group, -1)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            if group_mask is not None:
+                group_scores = group_scores.masked_fill(~group_mask, float("-inf"))
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(N, -1)
+        indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.topk > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
+        weights, indices = self.select(scores)
+        return weights, indices, scores
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert, counts[e] rows for expert e; w [E, K, N] -> [rows, N].
+
+    Uses torch's grouped GEMM where it runs (CPU fp32/bf16, CUDA bf16); else a per-expert loop."""
+    w = w.to(x.dtype)
+    if x.shape[0] == 0:
+        return x @ w[0]
+    fast = hasattr(F, "grouped_mm") and (
+        (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16))
+        or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    )
+    if fast:
+        offs = counts.cumsum(0).to(torch.int32)
+        return F.grouped_mm(x.contiguous(), w, offs=offs)
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        out.append(x[start : start + n] @ w[e])
+        start += n
+    return torch.cat(out)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: w1, w3 [E, I, D] (gate, up), w2 [E, D, I] (down)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [rows, D] sorted by expert with counts [E] -> expert outputs [rows, D] (not yet gated)."""
+        h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts)) * grouped_mm(x, self.w3.transpose(1, 2), counts)
+        return grouped_mm(h, self.w2.transpose(1, 2), counts)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, D], gate weights/indices [N, K] -> sum_k weight_k * expert_k(x) [N, D]."""
+        N, K = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // K
+        out = self.forward_sorted(x[token], counts)
+        out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def balance_losses(scores: torch.Tensor, indices: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-wise and batch-wise balance losses sum_i f_i P_i (REFERENCE.md), without alpha.
+
+    f_i = E/(K T) * #tokens choosing i, P_i = mean over tokens of s'_i (s normalised over all experts)."""
+    N, E = scores.shape
+    K = indices.shape[1]
+    T = N // batch
+    p = scores / scores.sum(dim=-1, keepdim=True)
+    chosen = torch.zeros(N, E, device=scores.device, dtype=scores.dtype).scatter_(1, indices, 1.0)
+    f_seq = chosen.view(batch, T, E).sum(1) * (E / (K * T))
+    seq = (f_seq * p.view(batch, T, E).mean(1)).sum(-1).mean()
+    f_all = chosen.sum(0) * (E / (K * N))
+    return seq, (f_all * p.mean(0)).sum()
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_routed_experts = config.n_routed_experts
+        self.gate = Gate(config)
+        self.experts = GroupedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        n_shared = config.n_shared_experts or 0
+        self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        B, T, D = x.shape
+        x = x.reshape(-1, D)
+        weights, indices, scores = self.gate(x)
+        y = self.experts(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        counts = torch.bincount(indices.reshape(-1), minlength=self.n_routed_experts).float()
+        if torch.is_grad_enabled():
+            seq, aux = balance_losses(scores, indices, B)
+        else:
+            seq = aux = scores.new_zeros(())
+        return y.view(B, T, D), RouterStats(counts, seq, aux)

@@ -1,0 +1,189 @@
+"""The DeepSeek-V3 model: blocks, the transformer with MTP, and the training loss.
+
+`Transformer(config)(input_ids)` returns a `ModelOutput` with `.logits` [B, T, V], `.mtp_logits`
+(one [B, T, V] per MTP depth; the last k positions of depth k have no target), `.hidden` (final
+normalised hidden state) and the router statistics of every MoE layer (main layers first, then MTP).
+
+`lm_loss(out, labels, ...)` = main CE + mtp_weight * mean_k(MTP CE_k) + alpha * sum_layers(balance),
+with every part reported separately. `labels[:, i]` is the token after `input_ids[:, i]` (-100 ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.mla import MLA, LatentCache
+from dsv3.model.moe import MoE, RouterStats
+from dsv3.model.mtp import MTPModule
+from dsv3.model.rope import rope_cos_sin, rope_inv_freq
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + MLA(attn_norm x), then x + FFN(ffn_norm x); FFN is MoE past the dense layers."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MLA(config, layer_id)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn: nn.Module = (
+            MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+    ) -> tuple[torch.Tensor, RouterStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        if isinstance(self.ffn, MoE):
+            y, stats = self.ffn(self.ffn_norm(x))
+            return x + y, stats
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    router_stats: list[RouterStats] = field(default_factory=list)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what backward() is called on
+    main_loss: torch.Tensor
+    mtp_loss: torch.Tensor
+    balance_loss: torch.Tensor
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
+        inv_freq, self.rope_attn_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    # ----------------------------------------------------------------- setup
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero balance biases."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight") or p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        if self.config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias") and b.device.type != "meta":
+                b.zero_()
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq.copy_(rope_inv_freq(self.config)[0])
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE module in forward order (main layers, then MTP blocks): router_stats align with it."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        with_mtp: bool | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, T] -> ModelOutput. positions [B, T] default 0..T-1. MTP runs without a cache."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            x, s = layer(x, cos, sin, cache)
+            if s is not None:
+                stats.append(s)
+        hidden = self.norm(x)
+        out = ModelOutput(logits=self.head(hidden), hidden=hidden, router_stats=stats)
+        if with_mtp if with_mtp is not None else (cache is None and len(self.mtp) > 0):
+            h = hidden
+            for k, module in enumerate(self.mtp, start=1):
+                shifted = torch.roll(input_ids, shifts=-k, dims=1)  # t_{i+k}; last k positions wrap (masked)
+                h, s = module(h, self.embed(shifted), cos, sin)
+                if s is not None:
+                    stats.append(s)
+                out.mtp_logits.append(self.head(module.norm(h)))
+        return out
+
+    def mtp_step(
+        self,
+        depth: int,
+        h: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LatentCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP depth at inference: (h^{k-1} [B, S, D], t_{i+k} [B, S]) -> (logits, h^k)."""
+        module = self.mtp[depth - 1]
+        emb = self.embed(next_ids)
+        cos, sin = self.rope(positions, emb.dtype)
+        h, _ = module(h, emb, cos, sin, cache)
+        return self.head(module.norm(h)), h
+
+    def num_params(self, exclude_mtp: bool = True) -> int:
+        skip = {id(p) for p in self.mtp.parameters()} if exclude_mtp else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def lm_loss(
+    out: ModelOutput,
+    labels: torch.Tensor,
+    mtp_weight: float = 0.3,
+    balance_alpha: float = 0.0,
+    balance: str = "seq",
+) -> LossOutput:
+    """Main CE + mtp_weight * mean over depths of MTP CE + balance_alpha * sum over MoE layers.
+
+    balance: "seq" (DeepSeek-V3's complementary sequence-wise loss), "aux" (classic batch-wise
+    auxiliary loss, for ablations) or "none"."""
+    V = out.logits.shape[-1]
+    main = F.cross_entropy(out.logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    zero = main.new_zeros(())
+    mtp = zero
+    if out.mtp_logits:
+        parts = []
+        for k, logits in enumerate(out.mtp_logits, start=1):
+            target = torch.roll(labels, shifts=-k, dims=1).clone()
+            target[:, -k:] = IGNORE_INDEX
+            parts.append(F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), ignore_index=IGNORE_INDEX))
+        mtp = torch.stack(parts).mean()
+    bal = zero
+    if balance != "none" and out.router_stats:
+        key = "seq_balance_loss" if balance == "seq" else "aux_loss"
+        bal = torch.stack([getattr(s, key) for s in out.router_stats]).sum()
+    loss = main + mtp_weight * mtp + balance_alpha * bal
+    return LossOutput(loss=loss, main_loss=main.detach(), mtp_loss=mtp.detach(), balance_loss=bal.detach())
