@@ -231,6 +231,9 @@ class ModelConfig:
             kw["topk_method"] = "greedy"
         if d.get("model_type") == "deepseek_v2" and "scoring_func" not in d:
             kw["scoring_func"] = "softmax"
+        if d.get("model_type") == "deepseek_v2":
+            kw["rope_interleave"] = True  # the V2 format (DeepSeek's code, transformers) always rotates pairs
+
         if "initializer_range" not in d:
             kw["initializer_range"] = 0.02
         return cls(**kw).validate()
@@ -307,3 +310,131 @@ def coerce_value(current: Any, text: str, name: str) -> Any:
         return text
     except (ValueError, json.JSONDecodeError):
         raise ValueError(f"invalid value for {name}: {text!r} (expected {type(current).__name__})") from None
+
+
+# DeepSeek-V3 over 14.8T tokens: constant LR to 10T, cosine to 14.3T, the lowest LR for the last 167B
+LR_FRACTIONS_PAPER = (0.676, 0.966, 0.0113)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Schedules are fractions of `steps` (the paper's token milestones over 14.8T).
+
+    LR: linear warmup over warmup_frac, constant peak until decay_start_frac, cosine to min_lr_ratio*lr at
+    decay_end_frac, that value until the last final_frac of the run, then final_lr_ratio*lr.
+    Batch: ramps linearly from batch_ramp_start*batch_size to batch_size over batch_ramp_frac.
+    MTP weight: mtp_weight until mtp_switch_frac, then mtp_weight_final.
+    Balance: gamma (bias_update_speed) for the whole run except the last bias_update_off_frac;
+    balance_loss "seq" (sequence-wise), "aux" (classic batch auxiliary loss) or "none", weighted by
+    balance_alpha (None = the model's aux_loss_alpha)."""
+
+    seq_len: int = 4096
+    batch_size: int = 16  # sequences per optimizer step after the ramp
+    micro_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = all
+    steps: int = 1000
+    lr: float = 2.2e-4
+    warmup_frac: float = 0.01
+    decay_start_frac: float = LR_FRACTIONS_PAPER[0]
+    decay_end_frac: float = LR_FRACTIONS_PAPER[1]
+    min_lr_ratio: float = 0.1
+    final_frac: float = LR_FRACTIONS_PAPER[2]
+    final_lr_ratio: float = 0.0332  # 7.3e-6 / 2.2e-4
+    batch_ramp_start: float = 0.2  # 3072 / 15360
+    batch_ramp_frac: float = 0.032  # 469B / 14.8T
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    moments_dtype: str = "float32"  # AdamW moments: "float32" or "bfloat16" (as the paper)
+    dtype: str = "bfloat16"  # compute: "bfloat16" (autocast, fp32 master weights) or "float32"
+    mtp_weight: float = 0.3
+    mtp_weight_final: float = 0.1
+    mtp_switch_frac: float = LR_FRACTIONS_PAPER[0]
+    bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing; 0 switches it off
+    bias_update_off_frac: float = 0.034  # gamma is 0 for this last fraction (500B of 14.8T)
+    balance_loss: str = "seq"
+    balance_alpha: float | None = None
+    fim_rate: float = 0.1
+    val_frac: float = 0.1
+    eval_every: int = 100  # steps; 0 = only at the end
+    eval_batches: int = 8  # batches per periodic eval; the final eval covers the whole split
+    log_every: int = 1
+    ckpt_every: int = 200  # steps; 0 = only at the end (and at --stop-at)
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # non-finite steps in a row that stop the run
+    seed: int = 1234
+    compile: bool = False  # torch.compile the loss computation
+    sample_tokens: int = 200
+    sample_temperature: float = 0.8
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the field; return self."""
+        for name in ("seq_len", "batch_size", "steps", "log_every", "keep_checkpoints", "max_bad_steps"):
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+            _check(ok, name, f"must be a positive integer, got {v!r}")
+        for name in ("eval_every", "eval_batches", "ckpt_every", "sample_tokens", "seed"):
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            _check(ok, name, f"must be an integer >= 0, got {v!r}")
+        mb = self.micro_batch_size
+        _check(
+            mb is None or (isinstance(mb, int) and mb > 0),
+            "micro_batch_size",
+            f"must be null or a positive integer, got {self.micro_batch_size!r}",
+        )
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for name in (
+            "warmup_frac",
+            "decay_start_frac",
+            "decay_end_frac",
+            "final_frac",
+            "min_lr_ratio",
+            "final_lr_ratio",
+            "batch_ramp_frac",
+            "mtp_switch_frac",
+            "bias_update_off_frac",
+            "fim_rate",
+        ):
+            v = getattr(self, name)
+            _check(isinstance(v, int | float) and 0 <= v <= 1, name, f"must be in [0, 1], got {v!r}")
+        _check(
+            self.warmup_frac <= self.decay_start_frac <= self.decay_end_frac <= 1 - self.final_frac,
+            "decay_start_frac",
+            "need warmup_frac <= decay_start_frac <= decay_end_frac <= 1 - final_frac",
+        )
+        _check(0 < self.batch_ramp_start <= 1, "batch_ramp_start", "must be in (0, 1]")
+        _check(0 < self.val_frac < 1, "val_frac", f"must be in (0, 1), got {self.val_frac}")
+        _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.eps > 0, "eps", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        _check(self.mtp_weight >= 0 and self.mtp_weight_final >= 0, "mtp_weight", "weights must be >= 0")
+        _check(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
+        _check(self.balance_alpha is None or self.balance_alpha >= 0, "balance_alpha", "must be null or >= 0")
+        _check(self.balance_loss in ("seq", "aux", "none"), "balance_loss", "must be 'seq', 'aux' or 'none'")
+        dtypes = ("float32", "bfloat16")
+        _check(self.moments_dtype in dtypes, "moments_dtype", f"must be one of {dtypes}")
+        _check(self.dtype in dtypes, "dtype", f"must be one of {dtypes}")
+        _check(self.sample_temperature >= 0, "sample_temperature", "must be >= 0")
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str) -> TrainConfig:
+        return cls.from_dict(load_preset(name).get("train", {}))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"invalid config: unknown train field(s) {unknown}")
+        return cls(**d).validate()
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        return dataclasses.replace(self, **kw).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,5 +1,51 @@
-"""FP8 mixed precision with fine-grained (1x128 activation tiles, 128x128 weight blocks) scaling."""
+"""FP8 mixed precision with fine-grained (1x128 activation tiles, 128x128 weight blocks) scaling.
 
+`convert_to_fp8(model, config, filter)` turns a built model's GEMMs into FP8 ones (FP8Linear,
+FP8GroupedExperts); kernels sit behind `get_backend` ("emulated" everywhere, "triton" / "scaled_mm"
+on FP8 GPUs). `blockwise` holds the HF checkpoint's weight / weight_scale_inv helpers.
+"""
+
+from dsv3.fp8.backends import BACKENDS, EmulatedBackend, fp8_gpu_available, get_backend
 from dsv3.fp8.blockwise import dequantize_weight_blockwise, quantize_weight_blockwise
+from dsv3.fp8.config import FP8Config
+from dsv3.fp8.convert import convert_to_fp8, default_filter, fp8_module_names
+from dsv3.fp8.grouped import FP8GroupedExperts, fp8_grouped_linear
+from dsv3.fp8.linear import FP8Linear
+from dsv3.fp8.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    FP8NonFiniteError,
+    dequantize_blocks,
+    dequantize_colwise,
+    dequantize_rowwise,
+    quantize_blocks,
+    quantize_colwise,
+    quantize_rowwise,
+)
 
-__all__ = ["dequantize_weight_blockwise", "quantize_weight_blockwise"]
+__all__ = [
+    "BACKENDS",
+    "BLOCK",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "EmulatedBackend",
+    "FP8Config",
+    "FP8GroupedExperts",
+    "FP8Linear",
+    "FP8NonFiniteError",
+    "convert_to_fp8",
+    "default_filter",
+    "dequantize_blocks",
+    "dequantize_colwise",
+    "dequantize_rowwise",
+    "dequantize_weight_blockwise",
+    "fp8_gpu_available",
+    "fp8_grouped_linear",
+    "fp8_module_names",
+    "get_backend",
+    "quantize_blocks",
+    "quantize_colwise",
+    "quantize_rowwise",
+    "quantize_weight_blockwise",
+]

@@ -22,7 +22,7 @@ def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def quantize_weight_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] (any float dtype) -> (W_fp8 [out, in] float8_e4m3fn, scale_inv [ceil(out/b), ceil(in/b)] fp32)."""
+    """W [out, in] (any float dtype) -> (W_fp8 [out, in] e4m3fn, scale_inv [ceil(out/b), ceil(in/b)] fp32)."""
     if w.dim() != 2:
         raise ValueError(f"blockwise quantisation expects a 2-D weight, got shape {tuple(w.shape)}")
     w32 = w.detach().float()
@@ -46,7 +46,8 @@ def dequantize_weight_blockwise(
     nb_o, nb_i = -(-out // block), -(-inp // block)
     if tuple(scale_inv.shape) != (nb_o, nb_i):
         raise ValueError(
-            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {(nb_o, nb_i)} for a weight {(out, inp)}"
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {(nb_o, nb_i)} "
+            f"for a weight {(out, inp)}"
         )
     s = scale_inv.float().repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
     return (q.float() * s).to(dtype)

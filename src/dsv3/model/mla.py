@@ -112,6 +112,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, pe.unsqueeze(2).expand(B, T, H, self.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if mask is None and S != T:  # causal with the new tokens last (SDPA's is_causal aligns top-left)
+            mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [B, H, S, Dqk]
             k.transpose(1, 2),

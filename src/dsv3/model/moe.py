@@ -78,10 +78,14 @@ class Gate(nn.Module):
                 group_scores = group_scores.masked_fill(~group_mask, float("-inf"))
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            if group_mask is not None:  # fewer allowed groups than topk_group: keep never picks a masked one
+                allowed &= group_mask
             biased = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(N, -1)
         indices = biased.topk(self.topk, dim=-1).indices
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.topk > 1:
+        # sigmoid gates are normalised even for top-1 (DeepSeek-V3's inference code, transformers);
+        # DeepSeek-V2's softmax gate only for top_k > 1
+        if self.norm_topk_prob and (self.topk > 1 or self.scoring_func == "sigmoid"):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, indices
 

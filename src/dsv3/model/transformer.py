@@ -154,6 +154,12 @@ class Transformer(nn.Module):
         h, _ = module(h, emb, cos, sin, cache)
         return self.head(module.norm(h)), h
 
+    def save_pretrained(self, path: str, **kw) -> object:
+        """Write an HF-format directory; see dsv3.checkpoint.save_pretrained for the options."""
+        from dsv3.checkpoint import save_pretrained  # lazy: the model never depends on checkpoint code
+
+        return save_pretrained(self, path, **kw)
+
     def num_params(self, exclude_mtp: bool = True) -> int:
         skip = {id(p) for p in self.mtp.parameters()} if exclude_mtp else set()
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)

@@ -1,0 +1,367 @@
+"""The engine: requests in, tokens out, with continuous batching over a static latent cache.
+
+`Engine.add_request(id, prompt, params)` queues a request (bad input raises ValueError and changes
+nothing); each `step()` (1) admits waiting requests into free cache slots and prefills them together,
+sampling their first token, then (2) decodes one token (or verifies a draft: speculative mode) for every
+request that was already running, and (3) releases finished requests, moving the last running slot into
+the hole so running requests always occupy slots 0..n-1. Nothing already in the cache is recomputed.
+`step()` returns one `StepOutput` per request that produced tokens; `abort(id)` frees a slot at once.
+
+State lives in the Engine instance only (no globals); thread safety is the caller's (the server's) job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dsv3.inference.cache import LatentKVCache
+from dsv3.inference.generate import ModelRunner
+from dsv3.inference.sampling import SamplingParams, sample
+from dsv3.inference.speculative import SpecStats, speculative_step
+from dsv3.model import Transformer
+
+
+@dataclass
+class RequestOutput:
+    """A request's result so far (final once `finished`). Times are seconds (time.perf_counter)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    spec: SpecStats | None = None  # speculative statistics (speculative mode only)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def total_time(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return None if self.spec is None else self.spec.acceptance
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        return None if self.spec is None else self.spec.tokens_per_forward
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    output: RequestOutput
+
+
+@dataclass
+class _Request:
+    out: RequestOutput
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    slot: int = -1
+    draft_logits: torch.Tensor | None = None  # [k, V] (speculative mode)
+    emitted_text: int = 0  # characters of out.text already streamed
+    new_tokens: list[int] = field(default_factory=list)  # produced in the current step
+
+    @property
+    def pending(self) -> int:
+        return self.out.token_ids[-1]
+
+
+class Engine:
+    """Continuous-batching generation over one model. See the module docstring for the step cycle."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any = None,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        speculative: bool = False,
+        seed: int | None = None,
+        max_prefill_tokens: int = 16384,
+    ):
+        cfg = model.config
+        if max_seq_len is None:
+            max_seq_len = min(cfg.max_position_embeddings, 4096)
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.model = model.eval()
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.max_prefill_tokens = max_prefill_tokens
+        w = model.embed.weight
+        self.cache = LatentKVCache(cfg, max_batch_size, max_seq_len, dtype=w.dtype, device=w.device)
+        self.runner = ModelRunner(model, self.cache)
+        self._speculative = False
+        self.speculative = speculative
+        self._rng = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1)
+        self.eos_ids = frozenset(
+            i for i in (cfg.eos_token_id, getattr(tokenizer, "eos_id", None)) if isinstance(i, int) and i >= 0
+        )
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []  # index == cache slot
+        self.requests: dict[str, _Request] = {}
+        self.spec_stats = SpecStats(per_position=[0])
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def speculative(self) -> bool:
+        return self._speculative
+
+    @speculative.setter
+    def speculative(self, on: bool) -> None:
+        on = bool(on)
+        if on == self._speculative:
+            return
+        if on and not self.runner.has_mtp:
+            raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        if self.has_unfinished():
+            raise ValueError("cannot switch speculative decoding on or off while requests are in flight")
+        self._speculative = on
+
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt (text or token ids) -> validated token ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load one")
+            if not prompt:
+                raise ValueError("empty prompt")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        V = self.config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise ValueError(f"prompt token {t!r} is not an integer in [0, vocab_size={V})")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, longer than the engine allows: it must be shorter than "
+                f"max_seq_len={self.max_seq_len} to leave room for generation"
+            )
+        return ids
+
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> RequestOutput:
+        """Queue a request. Raises ValueError (and changes nothing) on bad input."""
+        params = (params or SamplingParams()).validate()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.encode(prompt)
+        gen = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+            gen = torch.Generator().manual_seed(seed)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        out = RequestOutput(
+            request_id, prompt if isinstance(prompt, str) else None, ids, arrival_time=time.perf_counter()
+        )
+        if self._speculative:
+            out.spec = SpecStats(per_position=[0])
+        req = _Request(out, params, gen, stop_ids)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return out
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request (waiting or running), freeing its cache slot. Unknown ids return None."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.slot >= 0:
+            self._release(req)
+        else:
+            self.waiting.remove(req)
+        if not req.out.finished:
+            req.out.finished, req.out.finish_reason = True, "abort"
+            req.out.finish_time = time.perf_counter()
+        return req.out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[StepOutput]:
+        """Admit + prefill new requests, decode the running ones, release finished ones."""
+        n_old = len(self.running)
+        touched = list(self.running)
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+            touched += admitted
+        if n_old:
+            if self._speculative:
+                self._decode_speculative(n_old)
+            else:
+                self._decode(n_old)
+        outputs = [self._emit(r) for r in touched if r.new_tokens or r.out.finished]
+        for r in sorted((r for r in touched if r.out.finished), key=lambda r: -r.slot):
+            self._release(r)
+            self.requests.pop(r.out.request_id, None)
+        return outputs
+
+    def _admit(self) -> list[_Request]:
+        free = self.max_batch_size - len(self.running)
+        admitted: list[_Request] = []
+        longest = 0
+        while self.waiting and len(admitted) < free:
+            n = len(self.waiting[0].out.prompt_token_ids)
+            if admitted and (len(admitted) + 1) * max(longest, n) > self.max_prefill_tokens:
+                break
+            longest = max(longest, n)
+            admitted.append(self.waiting.popleft())
+        for r in admitted:
+            r.slot = len(self.running)
+            self.running.append(r)
+        return admitted
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        slot = reqs[0].slot
+        pre = self.runner.prefill(slot, [r.out.prompt_token_ids for r in reqs])
+        first = sample(pre.logits, [r.params for r in reqs], [r.generator for r in reqs])
+        if self._speculative:
+            drafts = self.runner.mtp_prefill(slot, pre, first)
+        now = time.perf_counter()
+        for b, (r, t) in enumerate(zip(reqs, first.tolist())):
+            r.out.first_token_time = now
+            if self._speculative:
+                r.draft_logits = drafts[b]
+                r.out.spec.forwards += 1
+                r.out.spec.tokens += 1
+                self.spec_stats.forwards += 1
+                self.spec_stats.tokens += 1
+            self._commit(r, t)
+
+    def _decode(self, n: int) -> None:
+        reqs = self.running[:n]
+        tokens = torch.tensor([[r.pending] for r in reqs])
+        starts = torch.tensor(self.cache.lengths[:n])
+        logits, _ = self.runner.decode(tokens, starts)
+        nxt = sample(logits[:, -1], [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        for i, (r, t) in enumerate(zip(reqs, nxt)):
+            self.cache.lengths[i] += 1
+            self._commit(r, t)
+
+    def _decode_speculative(self, n: int) -> None:
+        reqs = self.running[:n]
+        starts = torch.tensor(self.cache.lengths[:n])
+        pending = torch.tensor([r.pending for r in reqs])
+        draft_logits = torch.stack([r.draft_logits for r in reqs])
+        hidden: list[torch.Tensor] = []
+
+        def target(tokens: torch.Tensor) -> torch.Tensor:
+            logits, h = self.runner.decode(tokens, starts)
+            hidden.append(h)
+            return logits
+
+        def draft(tokens: torch.Tensor, n_commit: torch.Tensor) -> torch.Tensor:
+            logits = self.runner.mtp_decode(hidden[0], tokens, starts)  # [n, S, V]
+            last = (n_commit - 1).to(logits.device)
+            return logits[torch.arange(n, device=logits.device), last].unsqueeze(1)
+
+        step = speculative_step(
+            target, draft, pending, draft_logits, [r.params for r in reqs], [r.generator for r in reqs]
+        )
+        toks = step.tokens.tolist()
+        for i, (r, c, a) in enumerate(zip(reqs, step.num_committed.tolist(), step.num_accepted.tolist())):
+            self.cache.lengths[i] += c
+            r.draft_logits = step.draft_logits[i]
+            k = step.tokens.shape[1] - 1
+            st = SpecStats(drafted=k, accepted=a, forwards=1, per_position=[int(a > j) for j in range(k)])
+            for t in toks[i][:c]:
+                st.tokens += 1
+                if self._commit(r, t):
+                    break
+            r.out.spec.add(st)
+            self.spec_stats.add(st)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _commit(self, r: _Request, token: int) -> bool:
+        """Append one token and apply the stop rules; True when the request is finished."""
+        out, p = r.out, r.params
+        out.token_ids.append(token)
+        r.new_tokens.append(token)
+        reason = None
+        text_ids = out.token_ids
+        if token in r.stop_ids:
+            reason, text_ids = "stop", out.token_ids[:-1]  # the stop token is not part of the text
+        elif p.stop and self.tokenizer is not None:
+            text = self._detok(out.token_ids)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                reason, out.text = "stop", text[: min(hits)]
+                text_ids = None  # text already final
+        if reason is None and len(out.token_ids) >= p.max_new_tokens:
+            reason = "length"
+        if reason is None and len(out.prompt_token_ids) + len(out.token_ids) >= self.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            out.finished, out.finish_reason = True, reason
+            out.finish_time = time.perf_counter()
+            if self.tokenizer is not None and text_ids is not None:
+                out.text = self._detok(text_ids)
+        return reason is not None
+
+    def _detok(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _emit(self, r: _Request) -> StepOutput:
+        out = r.out
+        if self.tokenizer is not None and not out.finished:
+            out.text = self._detok(out.token_ids)
+        text = out.text
+        end = len(text)
+        if not out.finished:
+            end -= len(text) - len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence: wait
+            if r.params.stop:  # hold back what could be the start of a stop string
+                end = min(end, max(r.emitted_text, len(text) - max(len(s) for s in r.params.stop) + 1))
+        delta = text[r.emitted_text : end] if end > r.emitted_text else ""
+        r.emitted_text = max(r.emitted_text, end)
+        new, r.new_tokens = r.new_tokens, []
+        return StepOutput(out.request_id, new, delta, out.finished, out.finish_reason, out)
+
+    def _release(self, r: _Request) -> None:
+        s, last = r.slot, len(self.running) - 1
+        if s != last:
+            moved = self.running[last]
+            self.cache.move(last, s)
+            self.running[s] = moved
+            moved.slot = s
+        else:
+            self.cache.lengths[s] = 0
+        self.running.pop()
+        r.slot = -1

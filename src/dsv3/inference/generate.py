@@ -1,0 +1,95 @@
+"""Prefill and decode: the model run over the latent cache.
+
+- prefill: a batch of new prompts, right-padded, through the naive (training) attention path. Causal
+  attention means a real token never sees the padding after it, and MoE routing is per token, so padding
+  changes nothing for the real tokens; the cache lengths record the real prompt lengths.
+- decode: S new tokens per running row (S = 1 plain, 1 + k when verifying k drafts) through the absorbed
+  path, each row at its own position over its own cache length (per-row positions and mask).
+- the MTP module (depth 1) runs the same way on the cache layer num_hidden_layers: at position i it reads
+  the main model's final hidden state h_i and the embedding of token t_{i+1} and predicts t_{i+2}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.inference.cache import LatentKVCache
+from dsv3.model import Transformer
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [n, V] at each prompt's last token
+    hidden: torch.Tensor  # [n, P, D] final normalised hidden states (padded)
+    ids: torch.Tensor  # [n, P] the padded prompts
+    lengths: torch.Tensor  # [n]
+
+
+class ModelRunner:
+    """Owns nothing but references: the model (eval mode) and the cache it writes."""
+
+    def __init__(self, model: Transformer, cache: LatentKVCache):
+        self.model = model
+        self.cache = cache
+        self.device = model.embed.weight.device
+
+    @property
+    def has_mtp(self) -> bool:
+        return len(self.model.mtp) > 0
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompts: list[list[int]]) -> PrefillResult:
+        """Write the prompts into slots slot.. (positions 0..len-1) and return their last logits."""
+        n = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        P = int(lengths.max())
+        ids = torch.zeros(n, P, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        view = self.cache.prefill_view(slot, n, P)
+        out = self.model(ids, cache=view, with_mtp=False)
+        last = out.logits[torch.arange(n, device=self.device), lengths - 1]
+        for b, p in enumerate(prompts):
+            self.cache.lengths[slot + b] = len(p)
+        return PrefillResult(last.float(), out.hidden, ids, lengths)
+
+    @torch.inference_mode()
+    def mtp_prefill(self, slot: int, pre: PrefillResult, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Fill the MTP cache layer over the prompts; next_tokens [n] are the tokens sampled after them.
+
+        Position i gets (h_i, t_{i+1}); the last prompt position gets the sampled token. Returns the
+        draft logits [n, 1, V] for the token after next_tokens."""
+        n, P = pre.ids.shape
+        rows = torch.arange(n, device=self.device)
+        nxt = torch.cat([pre.ids[:, 1:], pre.ids.new_zeros(n, 1)], dim=1)
+        nxt[rows, pre.lengths - 1] = next_tokens.to(self.device)
+        positions = torch.arange(P, device=self.device).expand(n, P)
+        view = self.cache.prefill_view(slot, n, P)
+        logits, _ = self.model.mtp_step(1, pre.hidden, nxt, positions, view)
+        return logits[rows, pre.lengths - 1].float().unsqueeze(1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [n, S] for slots 0..n-1 at positions starts[b] + s -> (logits [n, S, V] fp32, hidden).
+
+        The cache lengths are not advanced here: the caller commits what it keeps."""
+        n, S = tokens.shape
+        starts = starts.to(self.device)
+        view = self.cache.decode_view(n, starts, S)
+        positions = starts[:, None] + torch.arange(S, device=self.device)[None, :]
+        out = self.model(tokens.to(self.device), positions=positions, cache=view, with_mtp=False)
+        return out.logits.float(), out.hidden
+
+    @torch.inference_mode()
+    def mtp_decode(self, hidden: torch.Tensor, next_tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """MTP over the positions just decoded: hidden [n, S, D] (h_i), next_tokens [n, S] (t_{i+1}).
+
+        Returns MTP logits [n, S, V] fp32 (the prediction of t_{i+2} at each position)."""
+        n, S = next_tokens.shape
+        starts = starts.to(self.device)
+        view = self.cache.decode_view(n, starts, S)
+        positions = starts[:, None] + torch.arange(S, device=self.device)[None, :]
+        logits, _ = self.model.mtp_step(1, hidden, next_tokens.to(self.device), positions, view)
+        return logits.float()

@@ -1,0 +1,146 @@
+"""Sampling parameters and the per-row sampler.
+
+Every row of a batch has its own SamplingParams and its own `torch.Generator`, so a request's random
+draws depend only on its seed and on its own logits, never on which other requests share the batch.
+Rows with temperature 0 are greedy (argmax) and draw nothing.
+
+Numerics: logits are processed in float32 in the order temperature -> top-k -> top-p (as vLLM and HF do);
+top-p keeps the smallest set of most likely tokens whose probability reaches top_p (always at least one).
+A token is drawn by inverse CDF: u ~ U[0, 1) from the row's generator, token = first index whose
+cumulative probability exceeds u * total. Zero-probability tokens can never be drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to continue one prompt. temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides EOS
+    seed: int | None = None  # per-request seed: same seed, same output
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> SamplingParams:
+        """Raise ValueError naming the bad field; return self."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        t = self.temperature
+        if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if not isinstance(p, int | float) or not (0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        for i in self.stop_token_ids:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"stop_token_ids must be non-negative integers, got {i!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        return self
+
+
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [N, V] -> float32 logits after temperature, top-k and top-p (removed tokens at -inf).
+
+    Greedy rows (temperature 0) come back unscaled and unfiltered."""
+    x = logits.float()
+    N, V = x.shape
+    dev = x.device
+    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    x = x / temp[:, None]
+    ks = [p.top_k if (p.top_k and p.top_k < V and not p.greedy) else V for p in params]
+    ps = [1.0 if p.greedy else float(p.top_p) for p in params]
+    if all(k == V for k in ks) and all(p >= 1.0 for p in ps):
+        return x
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=dev)
+    remove = rank[None, :] >= torch.tensor(ks, device=dev)[:, None]  # top-k
+    sorted_x = sorted_x.masked_fill(remove, float("-inf"))
+    probs = sorted_x.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    remove = before >= torch.tensor(ps, device=dev)[:, None]  # top-p (the first token always stays)
+    sorted_x = sorted_x.masked_fill(remove, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter_(1, order, sorted_x)
+
+
+def probs_from_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution each row samples from, [N, V] float32. Greedy rows get a one-hot at the argmax."""
+    x = filter_logits(logits, params)
+    probs = x.softmax(dim=-1)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        g = torch.tensor(greedy, device=x.device)
+        probs[g] = torch.zeros_like(probs[g]).scatter_(1, x[g].argmax(dim=-1, keepdim=True), 1.0)
+    return probs
+
+
+def uniforms(generators: Sequence[torch.Generator | None] | torch.Generator | None, n: int) -> torch.Tensor:
+    """n uniforms in [0, 1): one per row from that row's generator, or all from one shared generator."""
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.rand(n, generator=generators, dtype=torch.float64)
+    if len(generators) != n:
+        raise ValueError(f"need one generator per row: {len(generators)} generators for {n} rows")
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs [N, V] (need not be normalised), u [N] in [0, 1) -> token ids [N] (long)."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None] | torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [N, V] -> next token ids [N] (long). Greedy rows take the argmax and consume no randomness."""
+    N = logits.shape[0]
+    if len(params) != N:
+        raise ValueError(f"need one SamplingParams per row: {len(params)} for {N} rows")
+    out = logits.float().argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    if len(rows) == N:
+        sub_logits, sub_params, sub_gens = logits, params, generators
+    else:
+        idx = torch.tensor(rows, device=logits.device)
+        sub_logits, sub_params = logits[idx], [params[i] for i in rows]
+        sub_gens = generators if not isinstance(generators, Sequence) else [generators[i] for i in rows]
+    probs = filter_logits(sub_logits, sub_params).softmax(dim=-1)
+    tokens = draw(probs, uniforms(sub_gens, len(rows)))
+    if len(rows) == N:
+        return tokens.to(out.device)
+    out[torch.tensor(rows, device=out.device)] = tokens.to(out.device)
+    return out

@@ -1,0 +1,2 @@
+"""Training: tokenizer, data (packing, FIM), AdamW, schedules, balance-bias update, the trainer loop,
+native checkpoints, metrics and plots."""

@@ -1,0 +1,111 @@
+"""Validation loss and bits per byte, and a text sample at the end of a run.
+
+val_bpb = (sum of next-token cross-entropy over the validation targets, in nats) / ln 2 / (UTF-8 bytes
+those targets stand for). Bytes, not tokens, make models with different tokenizers comparable (a
+character model's bits per character equal bits per byte on ASCII text such as tinyshakespeare).
+Special tokens (BOS/EOS between documents) are scored but cover no bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dsv3.model import Transformer
+
+
+def autocast_context(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """BF16 autocast (FP32 master weights) or nothing for FP32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    windows: np.ndarray,
+    token_bytes: Sequence[int],
+    batch_size: int,
+    dtype: torch.dtype = torch.float32,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean CE (nats/token) and bits per byte over validation windows [n, T+1] (first max_batches)."""
+    was_training = model.training
+    model.eval()
+    lengths = torch.as_tensor(np.asarray(token_bytes, dtype=np.int64))
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    try:
+        n = len(windows) if not max_batches else min(len(windows), max_batches * batch_size)
+        for i in range(0, n, batch_size):
+            w = torch.from_numpy(windows[i : min(i + batch_size, n)]).to(device)
+            x, y = w[:, :-1], w[:, 1:]
+            with autocast_context(dtype, device):
+                logits = model(x, with_mtp=False).logits
+            nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            total_nats += float(nats)
+            total_tokens += y.numel()
+            total_bytes += int(lengths[y.cpu()].sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("no validation windows to evaluate")
+    return {
+        "val_loss": total_nats / total_tokens,
+        "val_bpb": total_nats / math.log(2) / max(total_bytes, 1),
+        "val_tokens": total_tokens,
+        "val_bytes": total_bytes,
+    }
+
+
+@torch.no_grad()
+def sample_text(
+    model: Transformer,
+    tokenizer: object,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> str:
+    """Continue `prompt`: through the inference engine (dsv3.LLM) when it is built, else a plain loop
+    that re-runs the model on the growing sequence (quadratic, fine for a few hundred tokens)."""
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            from dsv3.inference import LLM, SamplingParams
+        except ImportError:
+            return _sample_loop(model, tokenizer, prompt, max_new_tokens, temperature, seed)
+        llm = LLM(model, tokenizer=tokenizer, max_batch_size=1, seed=seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return prompt + llm.generate(prompt, params)[0].text
+    finally:
+        model.train(was_training)
+
+
+def _sample_loop(
+    model: Transformer, tokenizer: object, prompt: str, max_new_tokens: int, temperature: float, seed: int
+) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    ids = tokenizer.encode(prompt)
+    eos = tokenizer.eos_id
+    limit = model.config.max_position_embeddings
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        ctx = (ids + out)[-limit:]
+        logits = model(torch.tensor([ctx]), with_mtp=False).logits[0, -1].float()
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        if nxt == eos:
+            break
+        out.append(nxt)
+    return prompt + tokenizer.decode(out)

@@ -1,0 +1,170 @@
+"""The model: shapes, MLA absorbed vs naive attention and incremental decoding, rope layouts, MTP, loss,
+grouped experts, and the parameter counts of the 671B preset."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3 import ModelConfig, Transformer, lm_loss
+from dsv3.model.moe import GroupedExperts
+from dsv3.model.rope import apply_rope
+
+
+def _debug(**kw) -> ModelConfig:
+    return ModelConfig.from_preset("debug").replace(**kw)
+
+
+class LatentCache:
+    """The smallest cache the model accepts: appends latents per layer; mask None means causal."""
+
+    def __init__(self, absorb: bool):
+        self.absorb = absorb
+        self.mask: torch.Tensor | None = None
+        self.c: dict[int, torch.Tensor] = {}
+        self.pe: dict[int, torch.Tensor] = {}
+
+    def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_id in self.c:
+            c, pe = torch.cat([self.c[layer_id], c], 1), torch.cat([self.pe[layer_id], pe], 1)
+        self.c[layer_id], self.pe[layer_id] = c, pe
+        return c, pe
+
+
+def test_forward_shapes_and_router_stats():
+    cfg = _debug()
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    out = model(ids)
+    assert out.logits.shape == (2, 10, cfg.vocab_size)
+    assert out.hidden.shape == (2, 10, cfg.hidden_size)
+    assert len(out.mtp_logits) == cfg.num_nextn_predict_layers
+    assert out.mtp_logits[0].shape == out.logits.shape
+    assert len(out.router_stats) == len(model.moe_layers()) == 2  # one main MoE layer + the MTP block's
+    for s in out.router_stats:
+        assert s.counts.sum().item() == 2 * 10 * cfg.num_experts_per_tok
+    assert model(ids, with_mtp=False).mtp_logits == []
+
+
+@torch.no_grad()
+def test_absorbed_equals_naive_and_full_forward():
+    """Prefill then token-by-token decode through both attention paths equals one full forward."""
+    cfg = _debug(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    full = model(ids, with_mtp=False).logits
+    for absorb in (False, True):
+        cache = LatentCache(absorb)
+        steps = [model(ids[:, :5], cache=cache).logits]
+        for t in range(5, 9):
+            pos = torch.full((2, 1), t)
+            if t == 7:  # an explicit mask gives the same result as the implicit causal one
+                cache.mask = torch.ones(2, 1, t + 1, dtype=torch.bool)
+            steps.append(model(ids[:, t : t + 1], positions=pos, cache=cache).logits)
+            cache.mask = None
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_absorbed_equals_naive_with_padding_mask():
+    cfg = _debug()
+    attn = Transformer(cfg).layers[0].attn
+    B, S, T, H = 2, 3, 7, cfg.num_attention_heads
+    q_nope = torch.randn(B, S, H, cfg.qk_nope_head_dim)
+    q_pe = torch.randn(B, S, H, cfg.qk_rope_head_dim)
+    c, pe = torch.randn(B, T, cfg.kv_lora_rank), torch.randn(B, T, cfg.qk_rope_head_dim)
+    mask = torch.rand(B, S, T) > 0.3
+    mask[..., 0] = True  # every query sees something
+    naive = attn.attend_naive(q_nope, q_pe, c, pe, mask)
+    absorbed = attn.attend_absorbed(q_nope, q_pe, c, pe, mask)
+    torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_layouts_give_the_same_scores():
+    """Interleaved pairs and rotate_half pairs are one permutation apart: q.k is unchanged."""
+    R = 8
+    cos_sin = torch.randn(1, 5, R // 2)
+    cos, sin = cos_sin.cos(), cos_sin.sin()
+    q, k = torch.randn(1, 5, 2, R), torch.randn(1, 5, 2, R)
+    perm = torch.stack([torch.arange(R // 2), torch.arange(R // 2) + R // 2], 1).flatten()  # half -> interleaved
+    half = (apply_rope(q, cos, sin, False) * apply_rope(k, cos, sin, False)).sum(-1)
+    inter = (apply_rope(q[..., perm], cos, sin, True) * apply_rope(k[..., perm], cos, sin, True)).sum(-1)
+    torch.testing.assert_close(half, inter)
+    # and rotation preserves norms
+    torch.testing.assert_close(apply_rope(q, cos, sin, True).norm(dim=-1), q.norm(dim=-1))
+
+
+@torch.no_grad()
+def test_mtp_concatenates_embedding_first():
+    cfg = _debug()
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 6))
+    out = model(ids)
+    m = model.mtp[0]
+    emb = model.embed(torch.roll(ids, -1, 1))
+    x = F.linear(torch.cat([m.enorm(emb), m.hnorm(out.hidden)], -1), m.eh_proj.weight)
+    cos, sin = model.rope(torch.arange(6).expand(1, 6), x.dtype)
+    h, _ = m.block(x, cos, sin)
+    torch.testing.assert_close(out.mtp_logits[0], model.head(m.norm(h)))
+    # mtp_step (inference) gives the same logits for the positions it is given
+    logits, _ = model.mtp_step(1, out.hidden, torch.roll(ids, -1, 1), torch.arange(6).expand(1, 6))
+    torch.testing.assert_close(logits, out.mtp_logits[0])
+
+
+def test_lm_loss_parts():
+    cfg = _debug()
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    out = model(ids)
+    loss = lm_loss(out, labels, mtp_weight=0.3, balance_alpha=0.01)
+    torch.testing.assert_close(loss.loss.detach(), loss.main_loss + 0.3 * loss.mtp_loss + 0.01 * loss.balance_loss)
+    V = cfg.vocab_size
+    torch.testing.assert_close(loss.main_loss, F.cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1)))
+    assert loss.balance_loss > 0 and loss.mtp_loss > 0
+    loss.loss.backward()
+    assert model.layers[1].ffn.gate.weight.grad is not None  # the balance loss reaches the router
+
+
+def test_grouped_experts_match_a_loop():
+    torch.manual_seed(0)
+    E, D, inter, N, K = 5, 16, 8, 11, 2
+    ex = GroupedExperts(E, D, inter)
+    for p in ex.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(N, D)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    idx[:, 0] = 1  # some experts get no tokens at all
+    w = torch.rand(N, K)
+    ref = torch.zeros(N, D)
+    for n in range(N):
+        for j in range(K):
+            e = idx[n, j]
+            ref[n] += w[n, j] * (F.silu(x[n] @ ex.w1[e].T) * (x[n] @ ex.w3[e].T)) @ ex.w2[e].T
+    torch.testing.assert_close(ex(x, w, idx), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_671b_parameter_counts():
+    """REFERENCE.md: 671B total, 37B activated per token (main model, MTP excluded)."""
+    cfg = ModelConfig.from_preset("deepseek-v3-671b")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = model.num_params()
+    assert abs(total - 671.0e9) <= 0.005 * 671.0e9
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    assert n_moe == 58
+    activated = total - (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert * n_moe
+    assert abs(activated - 37e9) <= 0.03 * 37e9
+    # the absorbed cache: 576 values per token per layer, 70,272 bytes per token in BF16 over 61 layers
+    assert cfg.kv_cache_values_per_token * 2 * cfg.num_hidden_layers == 70_272
+
+
+def test_init_std():
+    cfg = _debug(initializer_range=0.006, hidden_size=256, intermediate_size=512)
+    model = Transformer(cfg)
+    w = model.layers[0].ffn.w1.weight
+    assert abs(w.std().item() - 0.006) < 0.0005
+    assert torch.all(model.norm.weight == 1)
+    assert torch.all(model.layers[1].ffn.gate.e_score_correction_bias == 0)
