@@ -233,7 +233,8 @@ class ModelConfig:
             kw["scoring_func"] = "softmax"
         if d.get("model_type") == "deepseek_v2":
             kw["rope_interleave"] = True  # the V2 format (DeepSeek's code, transformers) always rotates pairs
-
+            if "num_nextn_predict_layers" not in d and "num_mtp_layers" not in d:
+                kw["num_nextn_predict_layers"] = 0  # V2 has no MTP
         if "initializer_range" not in d:
             kw["initializer_range"] = 0.02
         return cls(**kw).validate()

@@ -44,7 +44,9 @@ def _setup(mesh: Mesh) -> tuple[Transformer, torch.optim.Optimizer, DataParallel
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95)
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.95),
     )
     return model, opt, DataParallel(model, mesh, opt)
 
@@ -74,7 +76,12 @@ def _train(mesh: Mesh, steps: int) -> dict:
         loss, norm = _step(model, dp, mesh, s)
         losses.append(loss)
         norms.append(norm)
-    return {"losses": losses, "norms": norms, "state": full_state_dict(model, mesh), "owned": dp.owned_fraction()}
+    return {
+        "losses": losses,
+        "norms": norms,
+        "state": full_state_dict(model, mesh),
+        "owned": dp.owned_fraction(),
+    }
 
 
 def _reference(steps: int) -> dict:
@@ -94,8 +101,12 @@ def _dist_worker(rank: int, world: int, configs: list[dict], steps: int, ckpt_di
         model, opt, dp = _setup(mesh)
         for s in range(2):
             _step(model, dp, mesh, s)
-        save_sharded(f"{ckpt_dir}/step_00000002", {"model": model.state_dict(), "opt": opt.state_dict()}, mesh,
-                     meta={"step": 2})
+        save_sharded(
+            f"{ckpt_dir}/step_00000002",
+            {"model": model.state_dict(), "opt": opt.state_dict()},
+            mesh,
+            meta={"step": 2},
+        )
         straight = _step(model, dp, mesh, 2)[0]
         model2, opt2, dp2 = _setup(mesh)
         state, meta = load_sharded(f"{ckpt_dir}/step_00000002", mesh)
@@ -114,9 +125,12 @@ def _compare(res: dict, ref: dict) -> None:
     assert _close(res["losses"], ref["losses"], 1e-5), (res["losses"], ref["losses"])
     assert _close(res["norms"], ref["norms"], 1e-4), (res["norms"], ref["norms"])
     assert res["state"].keys() == ref["state"].keys()
+    # Adam divides by sqrt(v): entries whose gradient is ~0 turn reduction-order noise into movement, so
+    # parameters are compared to 0.2% of the most any entry can move (lr per step)
+    atol = 2e-3 * 3e-3 * STEPS
     for k, v in ref["state"].items():
         assert res["state"][k].shape == v.shape, k
-        assert torch.allclose(res["state"][k], v, rtol=1e-4, atol=1e-6), (k, (res["state"][k] - v).abs().max())
+        assert torch.allclose(res["state"][k], v, rtol=0, atol=atol), (k, (res["state"][k] - v).abs().max())
 
 
 STEPS = 3

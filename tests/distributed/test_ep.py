@@ -69,13 +69,26 @@ def _moe_case(mesh: Mesh, rank: int, world: int, bias: torch.Tensor | None, fp8:
     return {
         "y": rel(y, yr[lo : lo + sizes[rank]]),
         "dx": rel(xl.grad, xr.grad[lo : lo + sizes[rank]]),
-        "experts": max(rel(getattr(ep.experts, n).grad, getattr(ref.experts, n).grad[e0:e1]) for n in ("w1", "w2", "w3")),
+        "experts": max(
+            rel(getattr(ep.experts, n).grad, getattr(ref.experts, n).grad[e0:e1]) for n in ("w1", "w2", "w3")
+        ),
         "gate": rel(gate_grad, ref.gate.weight.grad),
         "shared": rel(shared_grad, ref.shared_experts.w2.weight.grad),
         "recv_rows": int(ep.last_load["recv_rows"].sum()),
-        "counts_ok": bool(torch.equal(stats.counts, torch.bincount(
-            route(ref.gate, ref.gate.scores(xl.detach().reshape(-1, cfg.hidden_size)), pc.nodes, pc.node_limit)[1]
-            .reshape(-1), minlength=cfg.n_routed_experts).float())),
+        "counts_ok": bool(
+            torch.equal(
+                stats.counts,
+                torch.bincount(
+                    route(
+                        ref.gate,
+                        ref.gate.scores(xl.detach().reshape(-1, cfg.hidden_size)),
+                        pc.nodes,
+                        pc.node_limit,
+                    )[1].reshape(-1),
+                    minlength=cfg.n_routed_experts,
+                ).float(),
+            )
+        ),
     }
 
 
@@ -109,8 +122,12 @@ def _model_case(mesh: Mesh, rank: int, world: int) -> dict:
         else:
             torch.distributed.all_reduce(g)
         worst_grad = max(worst_grad, ((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item())
-    return {"logits": worst_logits, "mtp_logits": worst_mtp, "grad": worst_grad,
-            "n_ep": sum(isinstance(m, ExpertParallelMoE) for m in model.modules())}
+    return {
+        "logits": worst_logits,
+        "mtp_logits": worst_mtp,
+        "grad": worst_grad,
+        "n_ep": sum(isinstance(m, ExpertParallelMoE) for m in model.modules()),
+    }
 
 
 def _worker(rank: int, world: int) -> dict:

@@ -22,7 +22,9 @@ def routing_case(draw):
     E = nodes * per_node
     method = draw(st.sampled_from(["noaux_tc", "group_limited_greedy", "greedy"]))
     # group-limited routers need groups nested in nodes (n_group a multiple of nodes)
-    ok = [g for g in (1, 2, 4, 8, 16) if E % g == 0 and E // g >= 2 and (method == "greedy" or g % nodes == 0)]
+    ok = [
+        g for g in (1, 2, 4, 8, 16) if E % g == 0 and E // g >= 2 and (method == "greedy" or g % nodes == 0)
+    ]
     n_group = draw(st.sampled_from(ok or [1]))
     topk_group = draw(st.integers(1, n_group))
     M = draw(st.integers(1, nodes))
@@ -68,7 +70,9 @@ def test_node_limited_routing_never_exceeds_m_nodes(case):
 
 def test_node_limit_changes_routing_and_both_paths_agree():
     """V3-like layout (groups nest in nodes): the group_mask path equals the masked-affinity path."""
-    cfg = ModelConfig.from_preset("debug").replace(n_routed_experts=16, n_group=8, topk_group=4, num_experts_per_tok=4)
+    cfg = ModelConfig.from_preset("debug").replace(
+        n_routed_experts=16, n_group=8, topk_group=4, num_experts_per_tok=4
+    )
     gate = Gate(cfg)
     gate.e_score_correction_bias.normal_(0, 0.1)
     scores = torch.randn(256, 16).sigmoid()
@@ -128,7 +132,9 @@ def test_parallel_config_validation_messages():
     with pytest.raises(ValueError, match="n_routed_experts=8 is not divisible by ep=3"):
         ParallelConfig(ep=3).validate(cfg)
     with pytest.raises(ValueError, match="node_limit"):
-        ParallelConfig(ep=8, nodes=8, node_limit=1).validate(cfg.replace(num_experts_per_tok=2, n_group=1, topk_group=1))
+        ParallelConfig(ep=8, nodes=8, node_limit=1).validate(
+            cfg.replace(num_experts_per_tok=2, n_group=1, topk_group=1)
+        )
     with pytest.raises(ValueError, match="groups to nest in nodes"):
         ParallelConfig(ep=4, nodes=4, node_limit=2).validate(cfg.replace(n_group=2, topk_group=1))
     with pytest.raises(ValueError, match="unknown field"):

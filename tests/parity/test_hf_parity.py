@@ -38,19 +38,32 @@ CONFIGS = {
     # V3: sigmoid, noaux_tc groups, balance bias, q_lora, interleaved rope
     "v3": lambda: _base(),
     # V3 with YaRN, rotate_half rope layout and a plain wq (no q_lora)
-    "v3_yarn_half_rope_no_qlora": lambda: _base().replace(rope_scaling=YARN, rope_interleave=False, q_lora_rank=None),
+    "v3_yarn_half_rope_no_qlora": lambda: _base().replace(
+        rope_scaling=YARN, rope_interleave=False, q_lora_rank=None
+    ),
     # top-1 routing: transformers (and DeepSeek's inference code) still normalise the sigmoid gate
     "v3_top1": lambda: _base().replace(num_experts_per_tok=1, topk_group=1, routed_scaling_factor=1.5),
     # V2-Lite: softmax, greedy, one group, no q_lora, no normalisation, 2 shared experts, YaRN, no MTP
     "v2_lite": lambda: _base().replace(
-        scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None,
-        norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=2, rope_scaling=V2_YARN,
+        scoring_func="softmax",
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=None,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_shared_experts=2,
+        rope_scaling=V2_YARN,
         num_nextn_predict_layers=0,
     ),  # fmt: skip
-    # V2 (236B-style): group-limited greedy with a scaling factor; dsv3's rotate_half layout is permuted on save
+    # V2 (236B-style): group-limited greedy, a scaling factor; dsv3's rotate_half layout is permuted on save
     "v2_group_limited_half_rope": lambda: _base().replace(
-        scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
-        routed_scaling_factor=16.0, rope_interleave=False, num_nextn_predict_layers=0,
+        scoring_func="softmax",
+        topk_method="group_limited_greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=16.0,
+        rope_interleave=False,
+        num_nextn_predict_layers=0,
     ),  # fmt: skip
 }
 
@@ -105,7 +118,9 @@ def test_transformers_to_dsv3(name, tmp_path):
     cfg = CONFIGS[name]()
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(_hf_config(cfg), dtype=torch.float32)
-    _randomize([(n, p) for n, p in hf.named_parameters()] + [(n, b) for n, b in hf.named_buffers() if "bias" in n])
+    _randomize(
+        [(n, p) for n, p in hf.named_parameters()] + [(n, b) for n, b in hf.named_buffers() if "bias" in n]
+    )
     hf.save_pretrained(tmp_path / "hf")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -121,7 +136,7 @@ def test_transformers_to_dsv3(name, tmp_path):
 
 
 def test_bias_changes_routing_in_both():
-    """The parity configs exercise the bias: zeroing it changes dsv3's logits (so a dropped bias would show)."""
+    """The parity configs exercise the bias: zeroing it changes the logits (so a dropped bias would show)."""
     cfg = CONFIGS["v3"]()
     model = Transformer(cfg)
     _randomize(list(model.named_parameters()) + list(model.named_buffers()))

@@ -86,7 +86,9 @@ def test_bf16_save_and_load(tmp_path):
     assert loaded.layers[1].ffn.gate.e_score_correction_bias.dtype == torch.float32
     assert loaded.inv_freq.dtype == torch.float32
     torch.testing.assert_close(loaded.inv_freq, model.inv_freq)
-    torch.testing.assert_close(loaded.layers[1].ffn.experts.w2.float(), model.layers[1].ffn.experts.w2.bfloat16().float())
+    torch.testing.assert_close(
+        loaded.layers[1].ffn.experts.w2.float(), model.layers[1].ffn.experts.w2.bfloat16().float()
+    )
 
 
 def test_sharded_save(tmp_path):
@@ -113,13 +115,15 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 
 def test_v2_half_rope_is_saved_interleaved(tmp_path):
-    model = _model(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, rope_interleave=False,
-                   q_lora_rank=None)  # fmt: skip
+    v2 = dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None)
+    model = _model(rope_interleave=False, **v2)
     save_pretrained(model, tmp_path / "m", dtype=torch.float32)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v2" and cfg["rope_interleave"] is True
     loaded = from_pretrained(tmp_path / "m")
-    assert loaded.config.rope_interleave and not torch.equal(loaded.layers[0].attn.wq.weight, model.layers[0].attn.wq.weight)
+    assert loaded.config.rope_interleave and not torch.equal(
+        loaded.layers[0].attn.wq.weight, model.layers[0].attn.wq.weight
+    )
     torch.testing.assert_close(_logits(loaded, 320)[0], _logits(model, 320)[0], atol=1e-5, rtol=1e-5)
 
 
@@ -129,7 +133,7 @@ def test_names_round_trip():
         with torch.device("meta"):
             model = Transformer(cfg)
         seen = set()
-        for name, t in model.state_dict().items():
+        for name in model.state_dict():
             for hf, e in dsv3_to_hf(name, cfg.num_hidden_layers, cfg.n_routed_experts):
                 target = hf_to_dsv3(hf, cfg.num_hidden_layers)
                 assert (target.name, target.expert, target.copy) == (name, e, False), hf
@@ -158,8 +162,10 @@ def test_published_v3_layout_element_count():
 # ------------------------------------------------------------------------------------------------ FP8
 def _fp8_model() -> Transformer:
     # dims that are not multiples of 128: full and partial 128x128 blocks
-    return _model(hidden_size=192, intermediate_size=320, moe_intermediate_size=136, q_lora_rank=144,
-                  kv_lora_rank=136, num_attention_heads=2, qk_nope_head_dim=64, v_head_dim=64, vocab_size=64)  # fmt: skip
+    dims = dict(
+        hidden_size=192, intermediate_size=320, moe_intermediate_size=136, q_lora_rank=144, kv_lora_rank=136
+    )
+    return _model(num_attention_heads=2, qk_nope_head_dim=64, v_head_dim=64, vocab_size=64, **dims)
 
 
 def test_fp8_round_trip_within_e4m3_rounding(tmp_path):
@@ -169,15 +175,26 @@ def test_fp8_round_trip_within_e4m3_rounding(tmp_path):
     assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
     dtypes = _dtypes(tmp_path / "m")
     fp8 = [n for n, d in dtypes.items() if d == "F8_E4M3"]
-    assert "model.layers.0.self_attn.kv_b_proj.weight" in fp8 and "model.layers.1.mlp.experts.3.up_proj.weight" in fp8
+    assert (
+        "model.layers.0.self_attn.kv_b_proj.weight" in fp8
+        and "model.layers.1.mlp.experts.3.up_proj.weight" in fp8
+    )
     for n in fp8:
         assert dtypes[n + "_scale_inv"] == "F32"
-    high = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight", "model.norm.weight",
-            "model.layers.2.eh_proj.weight", "model.layers.0.self_attn.kv_a_layernorm.weight"]  # fmt: skip
+    high = [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.norm.weight",
+    ]
+    high += ["model.layers.2.eh_proj.weight", "model.layers.0.self_attn.kv_a_layernorm.weight"]
     assert all(dtypes[n] == "BF16" for n in high)
     assert dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == "F32"
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
-        assert list(f.get_slice("model.layers.0.mlp.down_proj.weight_scale_inv").get_shape()) == [2, 3]  # 192x320
+        assert list(f.get_slice("model.layers.0.mlp.down_proj.weight_scale_inv").get_shape()) == [
+            2,
+            3,
+        ]  # 192x320
 
     loaded = from_pretrained(tmp_path / "m")
     checked = 0
@@ -243,13 +260,19 @@ def saved(tmp_path) -> Path:
 
 def test_missing_tensor(saved):
     _rewrite(saved, lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
-    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight'"
+    ):
         from_pretrained(saved)
 
 
 def test_unexpected_tensor(saved):
-    _rewrite(saved, lambda t: t.__setitem__("model.layers.0.mlp.experts.0.up_proj.weight", torch.zeros(32, 64)))
-    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.experts\.0\.up_proj\.weight'"):
+    _rewrite(
+        saved, lambda t: t.__setitem__("model.layers.0.mlp.experts.0.up_proj.weight", torch.zeros(32, 64))
+    )
+    with pytest.raises(
+        ValueError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.experts\.0\.up_proj\.weight'"
+    ):
         from_pretrained(saved)
     _rewrite(saved, lambda t: [t.pop("model.layers.0.mlp.experts.0.up_proj.weight"),
                                t.__setitem__("model.layers.3.enorm.weight", torch.ones(64))])  # fmt: skip
@@ -258,8 +281,12 @@ def test_unexpected_tensor(saved):
 
 
 def test_wrong_shape(saved):
-    _rewrite(saved, lambda t: t.__setitem__("model.layers.0.self_attn.kv_b_proj.weight", torch.zeros(128, 31)))
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.kv_b_proj\.weight' has shape \[128, 31\]"):
+    _rewrite(
+        saved, lambda t: t.__setitem__("model.layers.0.self_attn.kv_b_proj.weight", torch.zeros(128, 31))
+    )
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.0\.self_attn\.kv_b_proj\.weight' has shape \[128, 31\]"
+    ):
         from_pretrained(saved)
 
 
@@ -341,7 +368,11 @@ def test_run_dir_tokenizer_and_atomic_replace(tmp_path):
     with pytest.raises(RuntimeError):
         save_pretrained(model, run / "model", tokenizer=Broken())
     assert torch.equal(_logits(from_pretrained(run / "model"), 320)[0], _logits(model2, 320)[0])
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "model", "train_config.json"]  # no temp dirs left
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "model",
+        "train_config.json",
+    ]  # no temp dirs left
 
 
 def test_convert_cli(tmp_path, capsys):
@@ -349,10 +380,25 @@ def test_convert_cli(tmp_path, capsys):
 
     model = _fp8_model()
     save_pretrained(model, tmp_path / "bf16", tokenizer=_Tok())
-    assert main(["convert", "--input", str(tmp_path / "bf16"), "--output", str(tmp_path / "fp8"), "--fp8"]) == 0
+    assert (
+        main(["convert", "--input", str(tmp_path / "bf16"), "--output", str(tmp_path / "fp8"), "--fp8"]) == 0
+    )
     assert "F8_E4M3" in _dtypes(tmp_path / "fp8").values()
     assert (tmp_path / "fp8" / "tokenizer.json").is_file()
-    assert main(["convert", "--input", str(tmp_path / "fp8"), "--output", str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "fp8"),
+                "--output",
+                str(tmp_path / "fp32"),
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     dtypes = _dtypes(tmp_path / "fp32")
     assert set(dtypes.values()) == {"F32"} and not any(n.endswith("_scale_inv") for n in dtypes)
     assert "quantization_config" not in json.loads((tmp_path / "fp32" / "config.json").read_text())
@@ -361,3 +407,15 @@ def test_convert_cli(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)  # dequantised exactly, nothing else changed
     assert main(["convert", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_load_to_cuda_in_bf16(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", fp8=True)
+    gpu = from_pretrained(tmp_path / "m", dtype=torch.bfloat16, device="cuda")
+    cpu = from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert gpu.embed.weight.device.type == "cuda" and gpu.inv_freq.device.type == "cuda"
+    assert gpu.layers[1].ffn.gate.e_score_correction_bias.dtype == torch.float32
+    for k, v in cpu.state_dict().items():
+        assert torch.equal(gpu.state_dict()[k].cpu(), v), k

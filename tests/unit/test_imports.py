@@ -35,7 +35,11 @@ def _declared_dependencies() -> set[str]:
 def test_every_module_imports():
     """Every module imports; only hardware-specific packages that pyproject does not require (triton on a
     CPU machine) may be missing, and then only for the modules that need them."""
-    names = [m.name for m in pkgutil.walk_packages(dsv3.__path__, prefix="dsv3.") if not m.name.endswith("__main__")]
+    names = [
+        m.name
+        for m in pkgutil.walk_packages(dsv3.__path__, prefix="dsv3.")
+        if not m.name.endswith("__main__")
+    ]
     assert "dsv3.model.transformer" in names and "dsv3.checkpoint.hf" in names
     declared = _declared_dependencies()
     for name in names:
@@ -55,11 +59,13 @@ def _distributed_uses(source: str) -> list[str]:
             found += [a.name for a in node.names if a.name.startswith("torch.distributed")]
         elif isinstance(node, ast.ImportFrom):
             mod = node.module or ""
-            if mod.startswith("torch.distributed") or (mod == "torch" and any(a.name == "distributed" for a in node.names)):
+            if mod.startswith("torch.distributed") or (
+                mod == "torch" and any(a.name == "distributed" for a in node.names)
+            ):
                 found.append(mod)
         elif isinstance(node, ast.Attribute) and node.attr == "distributed":
-            if isinstance(node.value, ast.Name) and node.value.id == "torch":
-                found.append("torch.distributed")
+            value = node.value
+            found += ["torch.distributed"] if isinstance(value, ast.Name) and value.id == "torch" else []
     return found
 
 

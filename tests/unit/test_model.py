@@ -86,7 +86,9 @@ def test_rope_layouts_give_the_same_scores():
     cos_sin = torch.randn(1, 5, R // 2)
     cos, sin = cos_sin.cos(), cos_sin.sin()
     q, k = torch.randn(1, 5, 2, R), torch.randn(1, 5, 2, R)
-    perm = torch.stack([torch.arange(R // 2), torch.arange(R // 2) + R // 2], 1).flatten()  # half -> interleaved
+    perm = torch.stack(
+        [torch.arange(R // 2), torch.arange(R // 2) + R // 2], 1
+    ).flatten()  # half -> interleaved
     half = (apply_rope(q, cos, sin, False) * apply_rope(k, cos, sin, False)).sum(-1)
     inter = (apply_rope(q[..., perm], cos, sin, True) * apply_rope(k[..., perm], cos, sin, True)).sum(-1)
     torch.testing.assert_close(half, inter)
@@ -119,7 +121,9 @@ def test_lm_loss_parts():
     labels[:, -1] = -100
     out = model(ids)
     loss = lm_loss(out, labels, mtp_weight=0.3, balance_alpha=0.01)
-    torch.testing.assert_close(loss.loss.detach(), loss.main_loss + 0.3 * loss.mtp_loss + 0.01 * loss.balance_loss)
+    torch.testing.assert_close(
+        loss.loss.detach(), loss.main_loss + 0.3 * loss.mtp_loss + 0.01 * loss.balance_loss
+    )
     V = cfg.vocab_size
     torch.testing.assert_close(loss.main_loss, F.cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1)))
     assert loss.balance_loss > 0 and loss.mtp_loss > 0

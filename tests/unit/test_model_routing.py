@@ -32,10 +32,11 @@ def routing_cases(draw):
 def test_routing_stays_in_chosen_groups(case):
     n_group, per_group, topk_group, topk, method, seed, coarse = case
     E = n_group * per_group
+    scoring = "sigmoid" if method == "noaux_tc" else "softmax"
+    groups = dict(n_group=n_group, topk_group=topk_group)
     gate = _gate(
-        n_routed_experts=E, n_group=n_group, topk_group=topk_group, num_experts_per_tok=topk, topk_method=method,
-        scoring_func="sigmoid" if method == "noaux_tc" else "softmax",
-    )  # fmt: skip
+        n_routed_experts=E, num_experts_per_tok=topk, topk_method=method, scoring_func=scoring, **groups
+    )
     g = torch.Generator().manual_seed(seed)
     N = 16
     scores = torch.rand(N, E, generator=g)
@@ -67,7 +68,9 @@ def test_routing_stays_in_chosen_groups(case):
 
 
 def test_bias_changes_selection_not_gate_values():
-    gate = _gate(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.5)
+    gate = _gate(
+        n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.5
+    )
     scores = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
     w0, i0 = gate.select(scores)
     assert set(i0[0].tolist()) == {0, 1}

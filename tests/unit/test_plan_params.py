@@ -52,10 +52,18 @@ def test_active_params_are_what_one_token_touches(scoring):
 
     Two tokens, because attention over a single key passes no gradient to q and k. In the debug config the
     only MoE main layer is the last one, so the earlier token reaches the last logits through attention
-    alone and adds just its embedding row; the gate reads all E rows but only the k chosen get a gradient."""
+    alone and adds just its embedding row. The gate reads all E rows; with sigmoid scores only the k chosen
+    get a gradient (softmax scores couple them all)."""
     cfg = ModelConfig.from_preset("debug")
     if scoring == "softmax":
-        cfg = cfg.replace(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None)
+        cfg = cfg.replace(
+            scoring_func="softmax",
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=None,
+            norm_topk_prob=False,
+        )
     torch.manual_seed(0)
     model = Transformer(cfg)
     for b in model.buffers():
@@ -67,4 +75,5 @@ def test_active_params_are_what_one_token_touches(scoring):
     touched = sum(int((p.grad != 0).sum()) for p in model.parameters() if p.grad is not None)
     E, K, D = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    assert touched - D + n_moe * (E - K) * D == count_params(cfg).active
+    untouched_gate_rows = E - K if scoring == "sigmoid" else 0
+    assert touched - D + n_moe * untouched_gate_rows * D == count_params(cfg).active

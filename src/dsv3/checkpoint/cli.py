@@ -10,13 +10,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="HF model directory, or a run directory (uses RUN_DIR/model)")
+    parser.add_argument(
+        "--input", required=True, help="HF model directory, or a run directory (uses RUN_DIR/model)"
+    )
     parser.add_argument("--output", required=True, help="output HF model directory (written atomically)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of non-FP8 tensors")
     parser.add_argument(
-        "--fp8", action="store_true", help="store attention/MLP/expert projections as FP8 E4M3 with 128x128 scales"
+        "--fp8",
+        action="store_true",
+        help="store attention/MLP/expert projections as FP8 E4M3 with 128x128 scales",
     )
-    parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

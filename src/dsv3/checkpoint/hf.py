@@ -48,7 +48,12 @@ from dsv3.model import Gate, Transformer
 from dsv3.model.rope import rope_inv_freq
 
 SAVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+FP8_QUANT_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 
@@ -62,7 +67,9 @@ def resolve_model_dir(path: str | Path) -> Path:
         return p
     if (p / "model" / "config.json").is_file():
         return p / "model"
-    raise ValueError(f"{p} is neither an HF model directory (config.json) nor a run directory with model/config.json")
+    raise ValueError(
+        f"{p} is neither an HF model directory (config.json) nor a run directory with model/config.json"
+    )
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -132,10 +139,14 @@ def plan_load(tensors: dict[str, TensorInfo], model: Transformer, block: int = B
         want = tuple(dest.shape)
         if target.expert is not None:
             if target.expert >= dest.shape[0]:
-                raise ValueError(f"unexpected tensor {name!r}: expert {target.expert} >= n_routed_experts={want[0]}")
+                raise ValueError(
+                    f"unexpected tensor {name!r}: expert {target.expert} >= n_routed_experts={want[0]}"
+                )
             want = want[1:]
         if info.shape != want:
-            raise ValueError(f"tensor {name!r} has shape {list(info.shape)}, expected {list(want)} (dsv3 {target.name})")
+            raise ValueError(
+                f"tensor {name!r} has shape {list(info.shape)}, expected {list(want)} (dsv3 {target.name})"
+            )
         if info.dtype not in FLOAT_DTYPES or info.dtype == "F8_E5M2":
             raise ValueError(f"tensor {name!r} has unsupported dtype {info.dtype}")
         if info.dtype == "F8_E4M3":
@@ -144,7 +155,9 @@ def plan_load(tensors: dict[str, TensorInfo], model: Transformer, block: int = B
                 raise ValueError(f"FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
             nb = tuple(-(-s // block) for s in info.shape)
             if len(info.shape) != 2 or scale.shape != nb:
-                raise ValueError(f"tensor {name + SCALE_SUFFIX!r} has shape {list(scale.shape)}, expected {list(nb)}")
+                raise ValueError(
+                    f"tensor {name + SCALE_SUFFIX!r} has shape {list(scale.shape)}, expected {list(nb)}"
+                )
         if target.copy:
             plan.copies.append((name, info, target))
             continue
@@ -158,9 +171,13 @@ def plan_load(tensors: dict[str, TensorInfo], model: Transformer, block: int = B
             covered.add(n)
     missing = [n for n in expected if n not in covered]
     mtp_missing = [n for n in missing if n.startswith("mtp.")]
-    if len(mtp_missing) < len(missing) or (mtp_missing and any(t.name.startswith("mtp.") for _, _, t in plan.loads)):
+    if len(mtp_missing) < len(missing) or (
+        mtp_missing and any(t.name.startswith("mtp.") for _, _, t in plan.loads)
+    ):
         n_experts = config.n_routed_experts or 0
-        hf_missing = [h for n in missing for h, _ in dsv3_to_hf(n, L, n_experts) if h not in tensors] or missing
+        hf_missing = [
+            h for n in missing for h, _ in dsv3_to_hf(n, L, n_experts) if h not in tensors
+        ] or missing
         more = f" (and {len(hf_missing) - 1} more)" if len(hf_missing) > 1 else ""
         raise ValueError(f"checkpoint is missing tensor {hf_missing[0]!r}{more}")
     plan.mtp_missing = bool(mtp_missing)
@@ -199,7 +216,9 @@ def _init_fresh(module: nn.Module, std: float) -> None:
             b.zero_()
 
 
-def _read(reader: ShardReader, name: str, info: TensorInfo, tensors: dict[str, TensorInfo], block: int) -> torch.Tensor:
+def _read(
+    reader: ShardReader, name: str, info: TensorInfo, tensors: dict[str, TensorInfo], block: int
+) -> torch.Tensor:
     t = reader.get(name, info)
     if info.dtype == "F8_E4M3":
         scale_name = name + SCALE_SUFFIX
@@ -228,13 +247,16 @@ def from_pretrained(
         with ShardReader() as reader:  # one shard open at a time (plus a scale's shard, rarely)
             for name, info, target in items:
                 t = _read(reader, name, info, tensors, block)
-                dest = expected[target.name] if target.expert is None else expected[target.name][target.expert]
+                dest = (
+                    expected[target.name] if target.expert is None else expected[target.name][target.expert]
+                )
                 dest.copy_(t)
     if plan.mtp_missing:
         _init_fresh(model.mtp, config.initializer_range)
         warnings.warn(
-            f"{model_dir} has no MTP tensors (model.layers.{config.num_hidden_layers}.*; transformers does not "
-            f"write them): the {config.num_nextn_predict_layers} MTP module(s) are freshly initialised",
+            f"{model_dir} has no MTP tensors (model.layers.{config.num_hidden_layers}.*; transformers "
+            f"does not write them): the {config.num_nextn_predict_layers} MTP module(s) are "
+            "freshly initialised",
             stacklevel=2,
         )
     with ShardReader() as reader:
@@ -251,13 +273,13 @@ def from_pretrained(
 
 # ------------------------------------------------------------------------------------------------ save
 def _rope_perm(rope_dim: int) -> torch.Tensor:
-    """Row order that turns the rotate_half rope layout into the interleaved one: new[2i]=old[i], new[2i+1]=old[i+R/2]."""
+    """rotate_half layout -> interleaved layout: new[2i]=old[i], new[2i+1]=old[i+R/2]."""
     idx = torch.arange(rope_dim // 2)
     return torch.stack([idx, idx + rope_dim // 2], dim=1).flatten()
 
 
 def _to_interleaved(name: str, w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Permute the rope rows of wq / wq_b (per head) and wkv_a so the interleaved layout gives the same scores."""
+    """Permute the rope rows of wq / wq_b (per head) and wkv_a: interleaved rope gives the same scores."""
     R, Dn = config.qk_rope_head_dim, config.qk_nope_head_dim
     perm = _rope_perm(R).to(w.device)
     if re.search(r"attn\.(wq|wq_b)\.weight$", name):
@@ -270,7 +292,9 @@ def _to_interleaved(name: str, w: torch.Tensor, config: ModelConfig) -> torch.Te
     return w
 
 
-def _encode(hf_name: str, w: torch.Tensor, dtype: torch.dtype, fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _encode(
+    hf_name: str, w: torch.Tensor, dtype: torch.dtype, fp8: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     """One tensor as stored: fp32 balance bias, FP8 + scale_inv projections when fp8, else `dtype`."""
     if hf_name.endswith("e_score_correction_bias"):
         yield hf_name, w.to(device="cpu", dtype=torch.float32, copy=True)
@@ -282,7 +306,9 @@ def _encode(hf_name: str, w: torch.Tensor, dtype: torch.dtype, fp8: bool) -> Ite
         yield hf_name, w.to(device="cpu", dtype=dtype, copy=True)
 
 
-def _export(model: Transformer, dtype: torch.dtype, fp8: bool, interleave: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _export(
+    model: Transformer, dtype: torch.dtype, fp8: bool, interleave: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     config = model.config
     L, E = config.num_hidden_layers, config.n_routed_experts or 0
     sd = model.state_dict()

@@ -3,7 +3,7 @@
 HF (published checkpoints, transformers)            dsv3
 model.embed_tokens.weight                           embed.weight
 model.layers.N.input_layernorm                      layers.N.attn_norm
-model.layers.N.self_attn.q_proj | q_a_proj ...      layers.N.attn.wq | wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo
+model.layers.N.self_attn.{q_proj,q_a_proj,...}     layers.N.attn.{wq,wq_a,q_norm,wq_b,wkv_a,kv_norm,wkv_b,wo}
 model.layers.N.post_attention_layernorm             layers.N.ffn_norm
 model.layers.N.mlp.{gate,down,up}_proj              layers.N.ffn.{w1,w2,w3}            (dense layers)
 model.layers.N.mlp.gate.weight / .e_score_...bias   layers.N.ffn.gate.*
@@ -13,7 +13,7 @@ model.norm.weight / lm_head.weight                  norm.weight / head.weight
 model.layers.{L+k}.{enorm,hnorm,eh_proj}            mtp.k.{enorm,hnorm,eh_proj}        (L = num_hidden_layers)
 model.layers.{L+k}.shared_head.norm                 mtp.k.norm
 model.layers.{L+k}.<decoder layer tensors>          mtp.k.block.*
-model.layers.{L+k}.embed_tokens / shared_head.head  copies of embed / head (DeepSeek stores them per MTP module)
+model.layers.{L+k}.embed_tokens / shared_head.head  copies of embed / head (stored per MTP module)
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ MLP = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 MTP_OWN = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "shared_head.norm": "norm"}
 MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
-GLOBAL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
+GLOBAL = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head.weight",
+}
 
 _INV = {
     "attn": {v: k for k, v in ATTN.items()},
@@ -133,7 +137,7 @@ def _block_to_hf(rest: str, n_experts: int) -> list[tuple[str, int | None]]:
 
 
 def dsv3_to_hf(name: str, num_hidden_layers: int, n_experts: int) -> list[tuple[str, int | None]]:
-    """A dsv3 state-dict name -> [(HF name, expert row or None)] (one entry per expert for stacked tensors)."""
+    """A dsv3 state-dict name -> [(HF name, expert row or None)] (one per expert for stacked tensors)."""
     if name in _INV["global"]:
         return [(_INV["global"][name], None)]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
@@ -152,6 +156,6 @@ def dsv3_to_hf(name: str, num_hidden_layers: int, n_experts: int) -> list[tuple[
 
 
 def mtp_copy_names(num_hidden_layers: int, depth: int) -> dict[str, str]:
-    """HF names of the embedding/head copies DeepSeek stores with MTP module `depth` -> the shared dsv3 tensor."""
+    """HF names of the embedding/head copies stored with MTP module `depth` -> the shared dsv3 tensor."""
     prefix = f"model.layers.{num_hidden_layers + depth}."
     return {prefix + hf: ds for hf, ds in MTP_COPIES.items()}

@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEMSIZE |= {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,9 @@ def atomic_dir(path: str | os.PathLike, keep_files: bool = True) -> Iterator[Pat
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     if path.is_dir() and not _looks_like_model_dir(path):
-        raise ValueError(f"refusing to replace {path}: it is not an HF model directory (no config.json, or subfolders)")
+        raise ValueError(
+            f"refusing to replace {path}: it is not an HF model directory (no config.json, or subfolders)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private

@@ -116,16 +116,16 @@ class Engine:
         w = model.embed.weight
         self.cache = LatentKVCache(cfg, max_batch_size, max_seq_len, dtype=w.dtype, device=w.device)
         self.runner = ModelRunner(model, self.cache)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []  # index == cache slot
+        self.requests: dict[str, _Request] = {}
+        self.spec_stats = SpecStats(per_position=[0])
         self._speculative = False
         self.speculative = speculative
         self._rng = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1)
         self.eos_ids = frozenset(
             i for i in (cfg.eos_token_id, getattr(tokenizer, "eos_id", None)) if isinstance(i, int) and i >= 0
         )
-        self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []  # index == cache slot
-        self.requests: dict[str, _Request] = {}
-        self.spec_stats = SpecStats(per_position=[0])
 
     # ------------------------------------------------------------------ configuration
     @property

@@ -45,7 +45,9 @@ def _apply_expert_parallel(model: nn.Module, mesh: Mesh) -> int:
     return replaced
 
 
-def parallelize(model: nn.Module, parallel_config: ParallelConfig | None = None, mesh: Mesh | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module, parallel_config: ParallelConfig | None = None, mesh: Mesh | None = None
+) -> nn.Module:
     """Apply FP8, expert parallel, activation checkpointing, compile and data parallel (in that order).
 
     Call on every rank with identically built models; returns the (modified in place) model."""

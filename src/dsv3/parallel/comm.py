@@ -51,7 +51,9 @@ def _exchange(
     if pending is None:
         dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
     else:
-        pending.works.append(dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True))
+        pending.works.append(
+            dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+        )
         pending.keep.append(x)
     return out
 
@@ -149,13 +151,17 @@ class FP8Dispatch:
     Autograd: the dequantised output is connected to x through `_FP8Unpack`, whose backward sends the
     gradient back (straight-through estimator for the quantiser)."""
 
-    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, grad_dtype=None):
+    def __init__(
+        self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, grad_dtype=None
+    ):
         self.x, self.out_splits, self.in_splits = x, list(out_splits), list(in_splits)
         self.group, self.grad_dtype = group, grad_dtype
         self.packed: torch.Tensor | None = None
 
     def start(self, pending: Pending | None = None) -> FP8Dispatch:
-        self.packed = _exchange(quantize_rows_fp8(self.x), self.out_splits, self.in_splits, self.group, pending)
+        self.packed = _exchange(
+            quantize_rows_fp8(self.x), self.out_splits, self.in_splits, self.group, pending
+        )
         return self
 
     def finish(self) -> torch.Tensor:

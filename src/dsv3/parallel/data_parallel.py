@@ -89,7 +89,11 @@ class DataParallel:
     dp.zero_grad(). With zero1 a rank's non-owned parameters have grad None after reduce_gradients."""
 
     def __init__(
-        self, model: nn.Module, mesh: Mesh, optimizer: torch.optim.Optimizer | None = None, zero1: bool | None = None
+        self,
+        model: nn.Module,
+        mesh: Mesh,
+        optimizer: torch.optim.Optimizer | None = None,
+        zero1: bool | None = None,
     ):
         self.model, self.mesh, self.optimizer = model, mesh, optimizer
         self.zero1 = mesh.config.zero1 if zero1 is None else zero1

@@ -56,7 +56,9 @@ def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
-def save_sharded(path: str | Path, state: dict[str, Any], mesh: Mesh, meta: dict[str, Any] | None = None) -> Path:
+def save_sharded(
+    path: str | Path, state: dict[str, Any], mesh: Mesh, meta: dict[str, Any] | None = None
+) -> Path:
     """Collective: write this rank's `state`; the checkpoint appears at `path` only once all are on disk."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
@@ -125,8 +127,9 @@ def latest_complete(directory: str | Path, pattern: str = "step_*") -> Path | No
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    for cand in sorted((p for p in directory.glob(pattern) if p.is_dir() and not p.name.endswith(".partial")),
-                       reverse=True):
+    for cand in sorted(
+        (p for p in directory.glob(pattern) if p.is_dir() and not p.name.endswith(".partial")), reverse=True
+    ):
         try:
             verify(cand)
             return cand
@@ -181,7 +184,9 @@ def full_state_dict(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], mesh: Mesh, strict: bool = True) -> None:
+def load_full_state_dict(
+    model: nn.Module, sd: dict[str, torch.Tensor], mesh: Mesh, strict: bool = True
+) -> None:
     """Load a single-device state dict into a parallelized model (each rank keeps its expert slice)."""
     experts = _expert_names(model)
     local = {}
@@ -189,7 +194,9 @@ def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], mesh: Me
         if k in experts:
             lo, hi = experts[k].expert_range
             if v.shape[0] != experts[k].n_routed_experts:
-                raise ValueError(f"{k}: expected {experts[k].n_routed_experts} experts, got shape {tuple(v.shape)}")
+                raise ValueError(
+                    f"{k}: expected {experts[k].n_routed_experts} experts, got shape {tuple(v.shape)}"
+                )
             v = v[lo:hi]
         local[k] = v
     model.load_state_dict(local, strict=strict)

@@ -114,7 +114,9 @@ class ExpertParallelMoE(MoE):
         self.comm_dtype = torch.bfloat16 if pc.bf16_combine else None
         self.overlap_shared = pc.overlap_shared
         if group_size(self.group) != self.ep_size:
-            raise ValueError(f"the mesh's EP group has {group_size(self.group)} ranks, expected ep={self.ep_size}")
+            raise ValueError(
+                f"the mesh's EP group has {group_size(self.group)} ranks, expected ep={self.ep_size}"
+            )
         self.gate = moe.gate
         self.shared_experts = moe.shared_experts
         full = moe.experts

@@ -53,7 +53,9 @@ def env_from_environ(environ: dict[str, str] | None = None) -> DistEnv | None:
             master_port=int(env.get("MASTER_PORT", "29500")),
         )
     except ValueError as e:
-        raise ValueError(f"malformed distributed environment (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT): {e}") from e
+        raise ValueError(
+            f"malformed distributed environment (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT): {e}"
+        ) from e
 
 
 def default_backend() -> str:
@@ -165,7 +167,10 @@ def _worker(
 ) -> None:
     torch.set_num_threads(threads)
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
     init_distributed(timeout_s=timeout_s, backend="gloo")
@@ -205,5 +210,7 @@ def run_local(
                 for p in ctx.processes:
                     if p.is_alive():
                         p.kill()
-                raise TimeoutError(f"run_local: {fn.__name__} on {nproc} ranks did not finish in {timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"run_local: {fn.__name__} on {nproc} ranks did not finish in {timeout_s:.0f}s"
+                )
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]

@@ -69,19 +69,23 @@ class ParallelConfig:
         _check(self.ep % self.nodes == 0, "nodes", f"ep={self.ep} is not divisible by nodes={self.nodes}")
         if self.node_limit is not None:
             _check(
-                isinstance(self.node_limit, int) and 1 <= self.node_limit,
+                isinstance(self.node_limit, int) and self.node_limit >= 1,
                 "node_limit",
                 f"must be a positive integer or null, got {self.node_limit!r}",
             )
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(
-            self.backend in (None, "gloo", "nccl"), "backend", f"must be gloo, nccl or null, got {self.backend!r}"
+            self.backend in (None, "gloo", "nccl"),
+            "backend",
+            f"must be gloo, nccl or null, got {self.backend!r}",
         )
         if model_config is None:
             return self
         needs_moe = self.ep > 1 or self.node_limit is not None or self.fp8_dispatch or self.bf16_combine
         if needs_moe:
-            _check(model_config.is_moe, "ep", "expert parallelism needs a MoE model (n_routed_experts is null)")
+            _check(
+                model_config.is_moe, "ep", "expert parallelism needs a MoE model (n_routed_experts is null)"
+            )
         if model_config.is_moe:
             E = model_config.n_routed_experts
             _check(E % self.ep == 0, "ep", f"n_routed_experts={E} is not divisible by ep={self.ep}")

@@ -9,8 +9,9 @@ plus what the planner needs to know about it:
 - `expert`: a routed expert's weight (stacked [E, ...]); expert parallelism shards these over EP ranks and
   a token touches only top-k of the E experts, so only k/E of it is "activated";
 - `matmul`: a GEMM weight (cost 2 FLOPs per element per token); `fp8`: a GEMM the FP8 recipe runs in
-  FP8 with 128x128 block scales (every Linear except the output head and the MoE gate, which the paper
-  keeps in higher precision along with the embedding and the norms).
+  FP8 with 128x128 block scales: every Linear except the output head and the MoE gate, which the paper
+  keeps in higher precision along with the embedding and the norms, and the MTP eh_proj, which the
+  published V3 checkpoint stores in BF16 (with it, the planner's element count of that checkpoint is exact).
 
 Activated parameters: every parameter a token's forward pass reads, MTP modules excluded: routed experts
 count k/E, the embedding one row (a lookup), everything else in full. This gives the published figures:
@@ -128,7 +129,7 @@ def param_inventory(config: ModelConfig) -> list[ParamSpec]:
     for k in range(c.num_nextn_predict_layers):
         p, b = f"mtp.{k}", L + k
         specs += [_norm(f"{p}.enorm", D, b, "mtp"), _norm(f"{p}.hnorm", D, b, "mtp")]
-        specs.append(_linear(f"{p}.eh_proj", D, 2 * D, "mtp", b))
+        specs.append(_linear(f"{p}.eh_proj", D, 2 * D, "mtp", b, fp8=False))  # BF16 in the V3 checkpoint
         specs += block_specs(c, f"{p}.block", b, L + k)
         specs.append(_norm(f"{p}.norm", D, b, "mtp"))
     return specs

@@ -55,7 +55,9 @@ class ServerMetrics:
         with self._lock:
             getattr(self, name).observe(value)
 
-    def render(self, gauges: dict[str, float], expert_load: Callable[[], list[list[float]]] | None = None) -> str:
+    def render(
+        self, gauges: dict[str, float], expert_load: Callable[[], list[list[float]]] | None = None
+    ) -> str:
         """Prometheus exposition format 0.0.4."""
         with self._lock:
             lines: list[str] = []
@@ -65,7 +67,12 @@ class ServerMetrics:
                 lines.append(f"# TYPE {name} {kind}")
                 lines.extend(body)
 
-            metric("dsv3_requests_total", "counter", "Requests received.", [f"dsv3_requests_total {self.requests_total}"])
+            metric(
+                "dsv3_requests_total",
+                "counter",
+                "Requests received.",
+                [f"dsv3_requests_total {self.requests_total}"],
+            )
             metric(
                 "dsv3_requests_failed_total",
                 "counter",
@@ -79,7 +86,10 @@ class ServerMetrics:
                 [f"dsv3_requests_rejected_total {self.requests_rejected}"],
             )
             metric(
-                "dsv3_prompt_tokens_total", "counter", "Prompt tokens processed.", [f"dsv3_prompt_tokens_total {self.prompt_tokens}"]
+                "dsv3_prompt_tokens_total",
+                "counter",
+                "Prompt tokens processed.",
+                [f"dsv3_prompt_tokens_total {self.prompt_tokens}"],
             )
             metric(
                 "dsv3_generation_tokens_total",
@@ -88,7 +98,12 @@ class ServerMetrics:
                 [f"dsv3_generation_tokens_total {self.completion_tokens}"],
             )
             for name, value in gauges.items():
-                metric(f"dsv3_{name}", "gauge", name.replace("_", " ").capitalize() + ".", [f"dsv3_{name} {value}"])
+                metric(
+                    f"dsv3_{name}",
+                    "gauge",
+                    name.replace("_", " ").capitalize() + ".",
+                    [f"dsv3_{name} {value}"],
+                )
             metric(
                 "dsv3_time_to_first_token_seconds",
                 "histogram",

@@ -228,14 +228,14 @@ def check_requirements(name: str, pp: int, num_microbatches: int) -> None:
     N = num_microbatches
     _check(isinstance(N, int) and N >= 1, f"the number of micro-batches must be a positive integer, got {N!r}")
     if name in ("1f1b", "zb1p"):
-        _check(N >= pp, f"{name} needs at least pp={pp} micro-batches to reach its steady state, got {N}")
+        _check(pp <= N, f"{name} needs at least pp={pp} micro-batches to reach its steady state, got {N}")
     elif name == "dualpipe":
         _check(pp % 2 == 0, f"dualpipe needs an even pp (rank r holds stages r and pp-1-r), got {pp}")
         _check(N % 2 == 0, f"dualpipe needs an even number of micro-batches (half enter from each end), got {N}")
-        _check(N >= 2 * pp, f"dualpipe needs at least 2*pp={2 * pp} micro-batches, got {N}")
+        _check(2 * pp <= N, f"dualpipe needs at least 2*pp={2 * pp} micro-batches, got {N}")
     else:
         _check(pp % 2 == 0, f"dualpipev needs an even pp: pp counts stages, two per device, got {pp}")
-        _check(N >= pp, f"dualpipev needs at least pp={pp} micro-batches (2 per device), got {N}")
+        _check(pp <= N, f"dualpipev needs at least pp={pp} micro-batches (2 per device), got {N}")
 
 
 def make_schedule(name: str, pp: int, num_microbatches: int) -> Schedule:

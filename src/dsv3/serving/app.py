@@ -1,0 +1,435 @@
+"""OpenAI-compatible HTTP API (FastAPI) over the engine's Python API.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent
+events in OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics.
+Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}} with a 4xx status; a full
+queue answers 429 at once. A client that disconnects has its request aborted (cache slot freed).
+
+Chat prompts use the tokenizer's `chat_template` (tokenizer_config.json, Jinja) when it has one, else
+the documented default: an optional "System: ...\\n\\n", then "User: ...\\n" / "Assistant: ...\\n" turns,
+ending with "Assistant:".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv3.inference.sampling import SamplingParams
+from dsv3.serving.async_engine import AsyncEngine, EngineError, QueueFullError
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(
+        extra="allow"
+    )  # unknown OpenAI fields are ignored, as OpenAI-compatible servers do
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None)
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def default_chat_prompt(messages: list[dict[str, str]]) -> str:
+    parts = []
+    for m in messages:
+        role = m["role"]
+        if role in ("system", "developer"):
+            parts.append(f"System: {m['content']}\n\n")
+        elif role == "user":
+            parts.append(f"User: {m['content']}\n")
+        else:
+            parts.append(f"Assistant: {m['content']}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def _message_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, "only text content parts are supported", param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+class ServerState:
+    def __init__(
+        self, async_engine: AsyncEngine, model_name: str, api_key: str | None, chat_template: str | None
+    ):
+        self.engine = async_engine
+        self.model_name = model_name
+        self.api_key = api_key
+        self.chat_template = chat_template
+        self.created = int(time.time())
+
+    @property
+    def core(self) -> Any:
+        return self.engine.engine
+
+    @property
+    def metrics(self) -> Any:
+        return self.engine.metrics
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+        msgs = [{"role": m.role, "content": _message_text(m.content)} for m in messages]
+        if self.chat_template:
+            import jinja2
+
+            try:
+                tmpl = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(self.chat_template)
+                return tmpl.render(messages=msgs, add_generation_prompt=True, bos_token="", eos_token="")
+            except jinja2.TemplateError as e:
+                raise APIError(400, f"chat template failed on these messages: {e}", param="messages") from e
+        return default_chat_prompt(msgs)
+
+    def params(self, req: _Common, prompt_len: int) -> SamplingParams:
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        max_seq = self.core.max_seq_len
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(256, max_seq - prompt_len))
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if prompt_len + max_tokens > max_seq:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_seq} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{max_tokens} for the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                stop=stop,
+                seed=req.seed,
+            ).validate()
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        try:
+            ids = self.core.encode(prompt)
+        except ValueError as e:
+            msg = str(e)
+            code = "context_length_exceeded" if "max_seq_len" in msg else None
+            raise APIError(400, msg, param=param, code=code) from e
+        return ids
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="dsv3 OpenAI-compatible server")
+    app.state.dsv3 = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            msg = "We could not parse the JSON body of your request."
+        else:
+            msg = "; ".join(
+                f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body')}: {er.get('msg')}"
+                for er in errs[:5]
+            )
+        return JSONResponse(error_body(msg, "invalid_request_error", ".".join(loc) or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if state.api_key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {state.api_key}":
+                msg = "Missing API key." if not header else "Incorrect API key provided."
+                return JSONResponse(
+                    error_body(msg, "invalid_request_error", None, "invalid_api_key"), status_code=401
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = state.engine.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsv3"}
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        core = state.core
+        gauges = {
+            "queue_depth": state.engine.waiting,
+            "running_batch_size": state.engine.running,
+            "requests_in_flight": state.engine.in_flight(),
+            "kv_cache_bytes_per_token": core.kv_cache_bytes_per_token,
+        }
+        load = getattr(core, "expert_load", None)
+        text = state.metrics.render(gauges, (lambda: load().tolist()) if callable(load) else None)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        _check_model(state, req.model)
+        prompts: list[str | list[int]]
+        if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
+            prompts = [req.prompt]
+        else:
+            prompts = list(req.prompt)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        ids = [state.encode(p, "prompt") for p in prompts]
+        params = [state.params(req, len(i)) for i in ids]
+        return await _run(state, request, req, ids, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        _check_model(state, req.model)
+        prompt = state.chat_prompt(req.messages)
+        ids = state.encode(prompt, "messages")
+        return await _run(state, request, req, [ids], [state.params(req, len(ids))], chat=True)
+
+    return app
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.model_name:
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+async def _run(
+    state: ServerState,
+    request: Request,
+    req: _Common,
+    ids: list[list[int]],
+    params: list[SamplingParams],
+    chat: bool,
+):
+    queue: asyncio.Queue = asyncio.Queue()
+    rids: list[str] = []
+    state.metrics.inc("requests_total")
+    try:
+        for i, (p_ids, p) in enumerate(zip(ids, params)):
+            rids.append(state.engine.submit(p_ids, p, i, queue))
+    except QueueFullError:
+        for rid in rids:
+            state.engine.abort(rid)
+        state.metrics.inc("requests_rejected")
+        raise APIError(
+            429,
+            "The server is busy: too many requests are queued. Retry later.",
+            type_="rate_limit_error",
+            code="queue_full",
+        ) from None
+    cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _stream(state, request, queue, rids, cid, created, chat, include_usage, [len(i) for i in ids]),
+            media_type="text/event-stream",
+        )
+    texts = [""] * len(rids)
+    reasons: list[str | None] = [None] * len(rids)
+    completion_tokens = 0
+    done = 0
+    try:
+        while done < len(rids):
+            idx, item = await _next(queue, request, rids, state)
+            if isinstance(item, EngineError):
+                raise APIError(
+                    500 if item.message.startswith("engine error") else 400,
+                    item.message,
+                    type_="server_error"
+                    if item.message.startswith("engine error")
+                    else "invalid_request_error",
+                )
+            if item.finished:
+                texts[idx] = item.output.text
+                reasons[idx] = item.finish_reason
+                completion_tokens += len(item.output.token_ids)
+                done += 1
+    finally:
+        for rid in rids:
+            state.engine.abort(rid)
+    usage = {
+        "prompt_tokens": sum(len(i) for i in ids),
+        "completion_tokens": completion_tokens,
+        "total_tokens": sum(len(i) for i in ids) + completion_tokens,
+    }
+    if chat:
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ]
+        obj = "chat.completion"
+    else:
+        choices = [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ]
+        obj = "text_completion"
+    return {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": state.model_name,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+async def _next(
+    queue: asyncio.Queue, request: Request, rids: list[str], state: ServerState
+) -> tuple[int, Any]:
+    """The next engine output for this HTTP request; aborts everything if the client went away."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=0.5)
+        except TimeoutError:
+            if await request.is_disconnected():
+                for rid in rids:
+                    state.engine.abort(rid)
+                raise asyncio.CancelledError from None
+
+
+async def _stream(
+    state: ServerState,
+    request: Request,
+    queue: asyncio.Queue,
+    rids: list[str],
+    cid: str,
+    created: int,
+    chat: bool,
+    include_usage: bool,
+    prompt_lens: list[int],
+) -> AsyncIterator[str]:
+    def chunk(idx: int, text: str | None, reason: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": idx, "delta": delta, "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": idx, "text": text or "", "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        body = {"id": cid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
+        if include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    done, completion_tokens = 0, 0
+    try:
+        if chat:
+            for i in range(len(rids)):
+                yield chunk(i, "", None, first=True)
+        while done < len(rids):
+            idx, item = await _next(queue, request, rids, state)
+            if isinstance(item, EngineError):
+                err = error_body(item.message, "server_error")
+                yield f"data: {json.dumps(err)}\n\n"
+                done += 1
+                continue
+            if item.new_text:
+                yield chunk(idx, item.new_text, None)
+            if item.finished:
+                completion_tokens += len(item.output.token_ids)
+                yield chunk(idx, None if chat else "", item.finish_reason)
+                done += 1
+        if include_usage:
+            pt = sum(prompt_lens)
+            usage = {
+                "prompt_tokens": pt,
+                "completion_tokens": completion_tokens,
+                "total_tokens": pt + completion_tokens,
+            }
+            body = {
+                "id": cid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": state.model_name,
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # normal end, client disconnect (the generator is cancelled) or error: free the cache slots
+        for rid in rids:
+            state.engine.abort(rid)

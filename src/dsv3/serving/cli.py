@@ -1,0 +1,45 @@
+"""`dsv3 serve`: an OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory or a training run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument(
+        "--served-model-name", default=None, help="model id clients send (default: directory name)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429"
+    )
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + completion)")
+    p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument(
+        "--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.serving.server import build_server, load_state
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    state = load_state(
+        args.model,
+        model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_seq_len=args.max_seq_len,
+        speculative=args.speculative,
+        dtype=args.dtype,
+    )
+    print(f"dsv3 serving {state.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    build_server(state, args.host, args.port, args.graceful_timeout, log_level="info").run()
+    return 0

@@ -1,0 +1,88 @@
+"""Build and run the server: load the model through `dsv3.LLM`, start the engine thread, run uvicorn.
+
+Shutdown (SIGTERM/SIGINT): uvicorn stops accepting connections and waits up to `graceful_timeout`
+seconds for open requests; then the engine thread lets what is left finish within the same budget and
+aborts the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from dsv3.serving.app import ServerState, create_app
+from dsv3.serving.async_engine import AsyncEngine
+
+
+def _chat_template(model_dir: Path | None) -> str | None:
+    if model_dir is None:
+        return None
+    cfg = model_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            t = json.loads(cfg.read_text()).get("chat_template")
+            return t if isinstance(t, str) else None
+    return None
+
+
+def load_state(
+    model: Any,
+    *,
+    tokenizer: Any = None,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    max_seq_len: int | None = None,
+    speculative: bool = False,
+    dtype: str | None = None,
+) -> ServerState:
+    """model: a path (HF dir or run dir), a dsv3 Transformer, or a ready `dsv3.LLM`."""
+    from dsv3.inference import LLM
+
+    if max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
+    model_dir = None
+    if isinstance(model, LLM):
+        llm = model
+    else:
+        if isinstance(model, str | Path):
+            from dsv3.checkpoint import resolve_model_dir
+
+            model_dir = Path(resolve_model_dir(model))
+        llm = LLM(
+            model, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer
+        )
+    engine = llm.engine
+    engine.speculative = speculative
+    if model_name is None:
+        model_name = Path(str(model)).name if isinstance(model, str | Path) else "dsv3"
+    return ServerState(
+        AsyncEngine(engine, max_queue=max_queue), model_name, api_key, _chat_template(model_dir)
+    )
+
+
+def build_server(
+    state: ServerState,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    graceful_timeout: float = 30.0,
+    log_level: str = "warning",
+) -> uvicorn.Server:
+    app = create_app(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        state.engine.start()
+        yield
+        state.engine.shutdown(timeout=graceful_timeout)
+
+    app.router.lifespan_context = lifespan
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(graceful_timeout)
+    )
+    return uvicorn.Server(config)
