@@ -135,7 +135,7 @@ def test_transformers_to_dsv3(name, tmp_path):
     assert (ours - theirs).abs().max().item() <= TOL
 
 
-def test_bias_changes_routing_in_both():
+def test_parity_configs_exercise_the_bias():
     """The parity configs exercise the bias: zeroing it changes the logits (so a dropped bias would show)."""
     cfg = CONFIGS["v3"]()
     model = Transformer(cfg)

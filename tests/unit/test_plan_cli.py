@@ -26,7 +26,14 @@ def _plan(argv):
 def test_paper_run_json(capsys):
     assert _plan([*PAPER, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("params_total", "params_active", "kv_bytes_per_token", "train_flops_per_token", "gpu_hours", "mfu"):
+    for key in (
+        "params_total",
+        "params_active",
+        "kv_bytes_per_token",
+        "train_flops_per_token",
+        "gpu_hours",
+        "mfu",
+    ):
         assert out[key] is not None
     assert out["params_total"] == 671_026_404_352
     assert round(out["params_active"] / 1e9) == 37

@@ -37,7 +37,7 @@ def test_bias_update_balances_a_skewed_router():
         load = torch.bincount(idx.flatten(), minlength=8).float()
         first = max_violation(load) if first is None else first
         update_balance_bias([moe], [load], gamma=0.01)
-    assert max_violation(load) < 0.5 * first
+    assert first > 2.0 and max_violation(load) < 0.25  # from ~2.8 to near balance
 
 
 def test_max_violation():

@@ -257,7 +257,7 @@ def from_pretrained(
             f"{model_dir} has no MTP tensors (model.layers.{config.num_hidden_layers}.*; transformers "
             f"does not write them): the {config.num_nextn_predict_layers} MTP module(s) are "
             "freshly initialised",
-            stacklevel=2,
+            stacklevel=3,  # past the no_grad wrapper, at the caller
         )
     with ShardReader() as reader:
         for name, info, target in plan.copies:
@@ -266,7 +266,7 @@ def from_pretrained(
                 warnings.warn(
                     f"{name!r} differs from the main model's {target.name}: dsv3 shares one {target.name} "
                     "between the main model and MTP, and uses the main model's",
-                    stacklevel=2,
+                    stacklevel=3,  # past the no_grad wrapper, at the caller
                 )
     return model.eval()
 

@@ -72,8 +72,10 @@ def _interactive(engine: Engine, args: argparse.Namespace, inp: TextIO, out: Tex
     """Each line continues one running transcript (kept within max_seq_len); /reset clears it, /quit ends."""
     params = _params(args)
     tok = engine.tokenizer
+    bos = getattr(tok, "bos_id", None)
+    head = [bos] if isinstance(bos, int) else []
     history: list[int] = []
-    budget = engine.max_seq_len - 1 - params.max_new_tokens
+    budget = engine.max_seq_len - 1 - params.max_new_tokens - len(head)
     if budget < 1:
         raise ValueError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in max_seq_len")
     print("dsv3 interactive: type a line, /reset to clear the context, /quit (or EOF) to leave", file=err)
@@ -90,7 +92,8 @@ def _interactive(engine: Engine, args: argparse.Namespace, inp: TextIO, out: Tex
             continue
         if not line.strip():
             continue
-        ids = (history + tok.encode(line + "\n"))[-budget:]
+        history = (history + tok.encode(line + "\n"))[-budget:]
+        ids = head + history
         turn += 1
         o = engine.add_request(f"turn-{turn}", ids, params)
         while engine.has_unfinished():
@@ -99,7 +102,7 @@ def _interactive(engine: Engine, args: argparse.Namespace, inp: TextIO, out: Tex
                     out.write(s.new_text)
                     out.flush()
         out.write("\n")
-        history = ids + o.token_ids
+        history += o.token_ids
         _report([o], err)
 
 

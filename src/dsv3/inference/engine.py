@@ -113,6 +113,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
+        self.add_bos = True
         w = model.embed.weight
         self.cache = LatentKVCache(cfg, max_batch_size, max_seq_len, dtype=w.dtype, device=w.device)
         self.runner = ModelRunner(model, self.cache)
@@ -149,13 +150,16 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """A prompt (text or token ids) -> validated token ids."""
+        """A prompt (text or token ids) -> validated token ids. Text gets the tokenizer's BOS in front."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids or load one")
             if not prompt:
                 raise ValueError("empty prompt")
             ids = list(self.tokenizer.encode(prompt))
+            bos = getattr(self.tokenizer, "bos_id", None)
+            if isinstance(bos, int) and self.add_bos:  # documents start with BOS in training
+                ids = [bos, *ids]
         else:
             ids = list(prompt)
         if not ids:

@@ -77,7 +77,7 @@ def load_tokenizer(path: str | Path) -> Any:
 
                 tok = tokenizers.Tokenizer.from_file(str(c))
                 return _TokenizersAdapter(tok, None)
-            return Tokenizer.from_file(str(c.parent))
+            return Tokenizer.from_file(str(c))
     return None
 
 

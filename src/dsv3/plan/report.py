@@ -160,6 +160,13 @@ def _n(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _flop(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:,.3f} {unit}"
+    return f"{x:,.0f} FLOP"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:,.2f} GiB" if x >= GIB else f"{x / 2**20:,.2f} MiB"
 
@@ -201,14 +208,14 @@ def format_table(plan: dict[str, Any]) -> str:
     rows += [
         (
             "forward: GEMM / head / attention / MTP",
-            f"{_n(fw['gemm'])} / {_n(fw['head'])} / {_n(fw['attention'])} / {_n(fw['mtp'])}",
+            f"{_flop(fw['gemm'])} / {_flop(fw['head'])} / {_flop(fw['attention'])} / {_flop(fw['mtp'])}",
         ),
-        ("training (fwd + bwd = 3x fwd)", f"{_n(f['train_per_token'])}FLOP"),
-        (f"prefill at context {f['context']}", f"{_n(f['prefill_per_token'])}FLOP per token"),
+        ("training (fwd + bwd = 3x fwd)", _flop(f["train_per_token"])),
+        (f"prefill at context {f['context']}", f"{_flop(f['prefill_per_token'])} per token"),
         (
             f"decode step at context {f['context']}",
-            f"{_n(f['decode_step'])}FLOP (absorbed MLA); "
-            f"{_n(f['decode_step_per_head_kv'])}FLOP with per-head K/V",
+            f"{_flop(f['decode_step'])} (absorbed MLA); "
+            f"{_flop(f['decode_step_per_head_kv'])} with per-head K/V",
         ),
     ]
     m = plan["memory"]

@@ -1,0 +1,42 @@
+"""`dsv3 train` settings: key=value overrides reach the right config; bad ones fail before training."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.train.cli import build_configs
+
+
+def test_overrides_reach_model_and_train():
+    m, t = build_configs("debug", ["lr=1e-3", "model.hidden_size=32", "n_routed_experts=16", "fim_rate=0"], steps=7)
+    assert (t.lr, t.steps, t.fim_rate) == (1e-3, 7, 0.0)
+    assert (m.hidden_size, m.n_routed_experts) == (32, 16)
+    _, t = build_configs("debug", ["balance_alpha=0.01", "moments_dtype=bfloat16", "compile=true"])
+    assert t.balance_alpha == 0.01 and t.moments_dtype == "bfloat16" and t.compile is True
+
+
+@pytest.mark.parametrize(
+    "pair, match",
+    [
+        ("no_such_key=1", "unknown key 'no_such_key'"),
+        ("train.hidden_size=3", "unknown key 'train.hidden_size'"),
+        ("lr=fast", "invalid value for lr"),
+        ("steps=-3", "steps"),
+        ("balance_loss=maybe", "balance_loss"),
+        ("n_group=3", "n_group"),
+        ("lr", "expected key=value"),
+    ],
+)
+def test_bad_overrides_are_rejected_naming_the_key(pair, match):
+    with pytest.raises(ValueError, match=match):
+        build_configs("debug", [pair])
+
+
+def test_cli_rejects_before_training(tmp_path, capsys):
+    rc = main(["train", "--preset", "debug", "--out", str(tmp_path / "r"), "bogus=1"])
+    assert rc == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was started
+    rc = main(["train", "--preset", "nope", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "unknown preset" in capsys.readouterr().err
