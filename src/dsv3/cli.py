@@ -19,7 +19,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 from scratch: train, generate, serve, plan.")
+    parser = argparse.ArgumentParser(
+        prog="dsv3", description="DeepSeek-V3 from scratch: train, generate, serve, plan."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         try:

@@ -125,7 +125,9 @@ class ModelConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         _check(
-            isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            isinstance(self.qk_rope_head_dim, int)
+            and self.qk_rope_head_dim > 0
+            and self.qk_rope_head_dim % 2 == 0,
             "qk_rope_head_dim",
             f"must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}",
         )
@@ -172,7 +174,11 @@ class ModelConfig:
                 f"{k} is more than the {tg * (E // g)} experts in topk_group={tg} groups of {E // g}",
             )
             if self.topk_method == "noaux_tc" and g > 1:
-                _check(E // g >= 2, "n_group", "noaux_tc scores a group by its top-2 experts: need >= 2 per group")
+                _check(
+                    E // g >= 2,
+                    "n_group",
+                    "noaux_tc scores a group by its top-2 experts: need >= 2 per group",
+                )
             _check(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
             _check(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
             _check(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
@@ -193,7 +199,9 @@ class ModelConfig:
                     "yarn needs a positive integer",
                 )
                 bf, bs = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
-                _check(bf > bs > 0, "rope_scaling.beta_fast", f"need beta_fast > beta_slow > 0, got {bf}, {bs}")
+                _check(
+                    bf > bs > 0, "rope_scaling.beta_fast", f"need beta_fast > beta_slow > 0, got {bf}, {bs}"
+                )
         return self
 
     # ---------------------------------------------------------------- HF in/out

@@ -33,7 +33,9 @@ class LatentCache(Protocol):
     mask: torch.Tensor | None
     absorb: bool
 
-    def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, layer_id: int, c: torch.Tensor, pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def linear_weight(layer: nn.Module) -> torch.Tensor:
@@ -69,7 +71,9 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.wo = nn.Linear(H * c.v_head_dim, D, bias=False)
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]."""
         B, S, _ = x.shape
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -78,7 +82,9 @@ class MLA(nn.Module):
         )
         return q_nope, apply_rope(q_pe, cos, sin, self.rope_interleave)
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]: what the cache stores."""
         c, pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         pe = apply_rope(pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)

@@ -128,7 +128,9 @@ class GroupedExperts(nn.Module):
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, D] sorted by expert with counts [E] -> expert outputs [rows, D] (not yet gated)."""
-        h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts)) * grouped_mm(x, self.w3.transpose(1, 2), counts)
+        h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts)) * grouped_mm(
+            x, self.w3.transpose(1, 2), counts
+        )
         return grouped_mm(h, self.w2.transpose(1, 2), counts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -143,7 +145,9 @@ class GroupedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
-def balance_losses(scores: torch.Tensor, indices: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balance_losses(
+    scores: torch.Tensor, indices: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence-wise and batch-wise balance losses sum_i f_i P_i (REFERENCE.md), without alpha.
 
     f_i = E/(K T) * #tokens choosing i, P_i = mean over tokens of s'_i (s normalised over all experts)."""
@@ -163,9 +167,13 @@ class MoE(nn.Module):
         super().__init__()
         self.n_routed_experts = config.n_routed_experts
         self.gate = Gate(config)
-        self.experts = GroupedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = GroupedExperts(
+            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        )
         n_shared = config.n_shared_experts or 0
-        self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+        self.shared_experts = (
+            MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         B, T, D = x.shape

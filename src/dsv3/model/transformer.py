@@ -36,7 +36,9 @@ class Block(nn.Module):
         self.attn = MLA(config, layer_id)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn: nn.Module = (
-            MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
+            MoE(config)
+            if config.is_moe_layer(layer_id)
+            else MLP(config.hidden_size, config.intermediate_size)
         )
 
     def forward(
@@ -185,7 +187,9 @@ def lm_loss(
         for k, logits in enumerate(out.mtp_logits, start=1):
             target = torch.roll(labels, shifts=-k, dims=1).clone()
             target[:, -k:] = IGNORE_INDEX
-            parts.append(F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), ignore_index=IGNORE_INDEX))
+            parts.append(
+                F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), ignore_index=IGNORE_INDEX)
+            )
         mtp = torch.stack(parts).mean()
     bal = zero
     if balance != "none" and out.router_stats:

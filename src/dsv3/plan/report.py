@@ -10,7 +10,7 @@ from dsv3.plan.activations import Savings
 from dsv3.plan.comm import ep_comm
 from dsv3.plan.cost import training_cost
 from dsv3.plan.flops import decode_flops, forward_flops, prefill_flops
-from dsv3.plan.hardware import GIB, Hardware
+from dsv3.plan.hardware import GIB, Hardware, get_hardware
 from dsv3.plan.kvcache import (
     kv_bytes_per_token,
     max_batch,
@@ -40,7 +40,7 @@ class PlanInputs:
     layout: Layout = field(default_factory=Layout)
     precision: Precision = field(default_factory=Precision)
     savings: Savings = field(default_factory=Savings)
-    hardware: Hardware | None = None
+    hardware: Hardware | None = None  # default H800
     nodes: int | None = None  # nodes one EP group spans
     node_limit: int | None = None  # M for node-limited routing
     context: int = 32768  # inference context for the KV cache / max batch
@@ -58,9 +58,7 @@ class PlanInputs:
 
 def build_plan(config: ModelConfig, name: str, inputs: PlanInputs) -> dict[str, Any]:
     """Every figure of the plan as a JSON-ready dict (flat headline keys plus one section per topic)."""
-    if inputs.hardware is None:
-        raise ValueError("a hardware preset is needed")
-    hw = inputs.hardware
+    hw = inputs.hardware if inputs.hardware is not None else get_hardware("h800")
     lay = inputs.layout.validate(config)
     pc = count_params(config)
     seq = lay.seq_len
