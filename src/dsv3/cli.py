@@ -1,4 +1,4 @@
-"""The `dsv3` command: each subcommand lives in its own module with `add_arguments(parser)` and `run(args)`."""
+"""The `dsv3` command: each subcommand is a module with `add_arguments(parser)` and `run(args)`."""
 
 from __future__ import annotations
 

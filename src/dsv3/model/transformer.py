@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + MLA(attn_norm x), then x + FFN(ffn_norm x); FFN is MoE past the dense layers."""
+    """Pre-norm decoder layer: x + MLA(attn_norm x), then x + FFN(ffn_norm x); FFN = MoE past dense layers."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
