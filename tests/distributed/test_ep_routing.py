@@ -118,10 +118,13 @@ def test_fp8_dispatch_single_rank_moe_error_is_small():
             p.normal_(0, 0.2)
     x = torch.randn(3, 7, cfg.hidden_size)
     y_exact, _ = moe(x)
+    g_exact = torch.autograd.grad(y_exact.pow(2).sum(), moe.experts.w1)[0]
     ep = ExpertParallelMoE(moe, Mesh.single(ParallelConfig(fp8_dispatch=True)))
     y, _ = ep(x)
     rel = ((y - y_exact).norm() / y_exact.norm()).item()
     assert 0 < rel < 0.05, rel
+    g = torch.autograd.grad(y.pow(2).sum(), ep.experts.w1)[0]  # backward runs through the FP8 dispatch
+    assert ((g - g_exact).norm() / g_exact.norm()).item() < 0.1
     assert ep.last_load["local_expert_rows"].sum() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
 
 

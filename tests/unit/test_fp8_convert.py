@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.fp8 import FP8Config, FP8GroupedExperts, FP8Linear, convert_to_fp8, fp8_module_names
+from dsv3.fp8 import FP8Config, FP8GroupedExperts, convert_to_fp8, fp8_module_names
 from dsv3.fp8.quant import fake_quantize_blocks
 from dsv3.model.mla import linear_weight
 from dsv3.model.transformer import Transformer, lm_loss
@@ -53,7 +53,9 @@ def test_parameters_are_shared_and_conversion_is_idempotent():
 def test_filter_and_config_forms():
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("debug")
-    m = convert_to_fp8(Transformer(cfg), {"pow2_scales": True, "experts": False}, filter=lambda n, mod: "attn" in n)
+    m = convert_to_fp8(
+        Transformer(cfg), {"pow2_scales": True, "experts": False}, filter=lambda n, mod: "attn" in n
+    )
     names = fp8_module_names(m)
     assert names and all(".attn." in n for n in names)
     assert all(m.get_submodule(n).fp8_config.pow2_scales for n in names)

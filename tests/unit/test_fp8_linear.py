@@ -19,6 +19,7 @@ from dsv3.fp8 import (
     quantize_blocks,
     quantize_rowwise,
 )
+from dsv3.fp8.backends import reference_gemm
 from dsv3.fp8.grouped import padded_layout
 from dsv3.fp8.quant import fake_quantize_blocks
 from dsv3.model.moe import GroupedExperts
@@ -39,19 +40,13 @@ def fq_blocks(w: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ backend seam
 @pytest.mark.parametrize("b_block", [True, False])
-def test_emulated_gemm_promotes_per_128_chunk(b_block):
-    """C = sum over 128-wide K chunks of (A_q B_q^T)_chunk * sa * sb, checked against an fp64 loop."""
+def test_emulated_gemm_equals_the_per_128_chunk_promotion_recipe(b_block):
+    """C = sum over 128-wide K chunks of (A_q B_q^T)_chunk * sa * sb (reference_gemm, in fp64)."""
     a, b = torch.randn(33, 300), torch.randn(140, 300) * 1e-3
     aq, as_ = quantize_rowwise(a)
     bq, bs = quantize_blocks(b) if b_block else quantize_rowwise(b)
     c = EmulatedBackend().gemm(aq, as_, bq, bs, b_block=b_block)
-    sb = bs.repeat_interleave(128, 0)[:140] if b_block else bs
-    ref = torch.zeros(33, 140, dtype=torch.float64)
-    for kb in range(3):
-        sl = slice(kb * 128, (kb + 1) * 128)
-        part = aq[:, sl].double() @ bq[:, sl].double().t()
-        ref += part * as_[:, kb : kb + 1].double() * sb[:, kb].double()
-    assert rel(c, ref) < 1e-6
+    assert rel(c, reference_gemm(aq, as_, bq, bs, b_block)) < 1e-6
     assert rel(c, a @ b.t()) < 0.06  # and it is a real E4M3 product, close to the exact one
 
 
@@ -79,7 +74,13 @@ def test_emulated_grouped_gemm_and_wgrad_equal_per_expert_gemms():
             continue
         ref = be.gemm(xq[s0:s1], xs[s0:s1], wq[e], ws[e], b_block=True)
         torch.testing.assert_close(y[s0:s1], ref, rtol=1e-5, atol=1e-5)
-        ref_w = be.gemm(dyt_q[:, s0:s1], dyt_s[:, s0 // 128 : s1 // 128], xt_q[:, s0:s1], xt_s[:, s0 // 128 : s1 // 128], False)
+        ref_w = be.gemm(
+            dyt_q[:, s0:s1],
+            dyt_s[:, s0 // 128 : s1 // 128],
+            xt_q[:, s0:s1],
+            xt_s[:, s0 // 128 : s1 // 128],
+            False,
+        )
         torch.testing.assert_close(dw[e], ref_w, rtol=1e-5, atol=1e-5)
 
 
@@ -231,7 +232,7 @@ def _experts(E=4, D=160, I=96):
 
 
 def test_grouped_experts_equal_per_expert_fp8_linears():
-    """Each expert's segment is 128-aligned, so its tiles (even Wgrad's token tiles) equal a dense FP8Linear's."""
+    """Expert segments are 128-aligned, so every tile (Wgrad's token tiles too) equals a dense FP8Linear's."""
     _, fe = _experts()
     counts = torch.tensor([70, 0, 200, 33])
     x = torch.randn(int(counts.sum()), 160, requires_grad=True)
@@ -267,7 +268,9 @@ def test_grouped_experts_close_to_high_precision_and_save_fp8():
     ya.backward(dy)
     yb.backward(dy)
     # two chained FP8 GEMMs (w1/w3 then w2): errors compound to several percent, well under 2 x 2^-4
-    errs = [rel(yb, ya), rel(xb.grad, xa.grad)] + [rel(getattr(fe, k).grad, getattr(ref, k).grad) for k in "w1 w2 w3".split()]
+    errs = [rel(yb, ya), rel(xb.grad, xa.grad)] + [
+        rel(getattr(fe, k).grad, getattr(ref, k).grad) for k in ("w1", "w2", "w3")
+    ]
     assert all(0.005 < e < 0.125 for e in errs), errs
     fp8_inputs = {t.data_ptr() for t in saved if t.dtype == FP8_DTYPE}
     assert len(fp8_inputs) == 2  # x (shared by w1 and w3) and h (input of w2), both in FP8

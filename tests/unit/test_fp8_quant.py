@@ -70,7 +70,9 @@ def test_blocks_match_hf_weight_scale_inv_layout():
     assert s.shape == (math.ceil(300 / 128), math.ceil(200 / 128)) == (3, 2)
     q_hf, s_hf = quantize_weight_blockwise(w)
     assert torch.equal(s, s_hf) and torch.equal(q.float(), q_hf.float())
-    torch.testing.assert_close(dequantize_blocks(q, s), dequantize_weight_blockwise(q_hf, s_hf), rtol=0, atol=0)
+    torch.testing.assert_close(
+        dequantize_blocks(q, s), dequantize_weight_blockwise(q_hf, s_hf), rtol=0, atol=0
+    )
     per_elem = s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
     _assert_within_e4m3(w, dequantize_blocks(q, s), per_elem)
 

@@ -12,9 +12,9 @@ contiguous, both in E4M3 with fp32 dequantisation scales along K in groups of 12
 Accumulation follows the recipe: the products of one 128-wide K chunk are summed (on Hopper, inside the
 tensor core), then multiplied by the two tiles' scales and added to an FP32 accumulator ("promotion
 every N_C = 128 elements"). Backends:
-- "emulated": any device, pure torch. FP8 values are exact in fp32, so each chunk's partial sum is an
-  fp32 matmul of the raw E4M3 values; scaling and accumulation are fp32. This is the numerical
-  reference for the GPU kernels (the Triton CPU interpreter rounds FP8 casts differently: not a reference).
+- "emulated": any device, pure torch: exact E4M3 values and scales, dequantised to fp32, fp32 GEMMs
+  (fp32 accumulation over all of K). The numerical reference for the GPU kernels (the Triton CPU
+  interpreter rounds FP8 casts differently from torch: it is not a reference).
 - "triton": Hopper/Ada (sm_89+) Triton kernels, dsv3.fp8.triton_gemm.
 - "scaled_mm": torch's cuBLAS blockwise-scaled GEMM (F.scaled_mm, 1x128 x 128x128 recipes) for dense
   GEMMs whose K is a multiple of 128; everything else goes to the Triton kernels.
@@ -26,28 +26,21 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
-from dsv3.fp8.quant import BLOCK
+from dsv3.fp8.quant import BLOCK, dequantize_blocks, dequantize_rowwise
 from dsv3.model.moe import grouped_mm
 
 BACKENDS = ("auto", "emulated", "triton", "scaled_mm")
-_WGRAD_CHUNK_BYTES = 64 << 20  # cap on the [chunks, N, K] fp32 partials of the emulated grouped Wgrad
-
-
-def _kb(k: int) -> int:
-    return -(-k // BLOCK)
-
-
-def segment_ids(offsets: torch.Tensor, length: int) -> torch.Tensor:
-    """offsets [E+1] (starts of E segments, last = total) -> segment id of each of `length` positions."""
-    counts = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(
-        torch.arange(counts.numel(), device=offsets.device), counts, output_size=length
-    )
 
 
 class EmulatedBackend:
-    """Exact E4M3 operands, per-128-K-chunk partial sums in fp32, scaled and promoted into fp32."""
+    """Exact E4M3 operands and scales, dequantised to fp32, then fp32 GEMMs.
+
+    An E4M3 value times its fp32 scale is exact to one fp32 rounding, and the GEMM accumulates in
+    fp32 across the whole of K: at least the precision that promotion every 128 elements buys on the
+    GPU (and what DeepSeek's recipe aims for), without emulating the tensor core's narrower internal
+    accumulator. The chunk-by-chunk order of the GPU kernels is reproduced only to fp32 rounding."""
 
     name = "emulated"
 
@@ -60,17 +53,9 @@ class EmulatedBackend:
         b_block: bool,
         out_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        M, K = a_q.shape
-        N = b_q.shape[0]
-        a, b = a_q.float(), b_q.float()
-        sb = b_s.repeat_interleave(BLOCK, dim=0)[:N] if b_block else b_s  # [N, KB]
-        acc = a.new_zeros(M, N)
-        for kb in range(_kb(K)):
-            k0, k1 = kb * BLOCK, min(K, (kb + 1) * BLOCK)
-            p = a[:, k0:k1] @ b[:, k0:k1].t()  # the tensor core's job: <=128 exact products, summed
-            p.mul_(a_s[:, kb : kb + 1])
-            acc.addcmul_(p, sb[:, kb].unsqueeze(0))  # promotion: scaled, added to the fp32 accumulator
-        return acc.to(out_dtype)
+        a = dequantize_rowwise(a_q, a_s)
+        b = dequantize_blocks(b_q, b_s) if b_block else dequantize_rowwise(b_q, b_s)
+        return (a @ b.t()).to(out_dtype)
 
     def grouped_gemm(
         self,
@@ -81,20 +66,13 @@ class EmulatedBackend:
         offsets: torch.Tensor,
         out_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        R, K = a_q.shape
-        E, N, _ = b_q.shape
-        acc = torch.zeros(R, N, dtype=torch.float32, device=a_q.device)
+        R = a_q.shape[0]
+        N = b_q.shape[1]
         if R == 0:
-            return acc.to(out_dtype)
-        counts = offsets[1:] - offsets[:-1]
-        a, b = a_q.float(), b_q.float()
-        row_scale_b = b_s[segment_ids(offsets, R)]  # [R, NB, KB]: each row's expert's block scales
-        for kb in range(_kb(K)):
-            k0, k1 = kb * BLOCK, min(K, (kb + 1) * BLOCK)
-            p = grouped_mm(a[:, k0:k1].contiguous(), b[:, :, k0:k1].transpose(1, 2), counts)  # [R, N]
-            p.mul_(a_s[:, kb : kb + 1])
-            acc.addcmul_(p, row_scale_b[:, :, kb].repeat_interleave(BLOCK, dim=1)[:, :N])
-        return acc.to(out_dtype)
+            return torch.zeros(0, N, dtype=out_dtype, device=a_q.device)
+        a = dequantize_rowwise(a_q, a_s)
+        b = dequantize_blocks(b_q, b_s)  # [E, N, K]
+        return grouped_mm(a, b.transpose(1, 2), offsets[1:] - offsets[:-1]).to(out_dtype)
 
     def grouped_wgrad(
         self,
@@ -108,26 +86,42 @@ class EmulatedBackend:
         N, R = a_q.shape
         K = b_q.shape[0]
         E = offsets.numel() - 1
-        out = torch.zeros(E, N, K, dtype=torch.float32, device=a_q.device)
-        if R == 0:
-            return out.to(out_dtype)
         if R % BLOCK:
             raise ValueError(f"grouped_wgrad needs 128-aligned expert segments, got {R} rows")
-        C = R // BLOCK
-        chunk_expert = segment_ids(offsets, R)[::BLOCK]  # segments are 128-aligned: one expert per chunk
-        # chunk -> expert summation matrix (a matmul of 0/1 weights: fast, and exact up to fp32 summation)
-        onehot = torch.zeros(E, C, dtype=torch.float32, device=a_q.device)
-        onehot[chunk_expert, torch.arange(C, device=a_q.device)] = 1.0
-        a = a_q.float().view(N, C, BLOCK).permute(1, 0, 2)  # [C, N, 128]
-        b = b_q.float().view(K, C, BLOCK).permute(1, 2, 0)  # [C, 128, K]
-        sa, sb = a_s.t(), b_s.t()  # [C, N], [C, K]
-        step = max(1, _WGRAD_CHUNK_BYTES // (4 * N * K))
-        for c0 in range(0, C, step):
-            c1 = min(C, c0 + step)
-            p = torch.bmm(a[c0:c1], b[c0:c1])  # per chunk: 128 rows' exact products, summed
-            p.mul_(sa[c0:c1].unsqueeze(2)).mul_(sb[c0:c1].unsqueeze(1))
-            out.view(E, N * K).addmm_(onehot[:, c0:c1], p.view(c1 - c0, N * K))  # promotion, per expert
-        return out.to(out_dtype)
+        if R == 0:
+            return torch.zeros(E, N, K, dtype=out_dtype, device=a_q.device)
+        a = dequantize_rowwise(a_q, a_s)  # [N, R]
+        b = dequantize_rowwise(b_q, b_s)  # [K, R]
+        if (
+            hasattr(F, "grouped_mm") and a.device.type == "cpu"
+        ):  # K-grouped: expert e reduces over its segment
+            return F.grouped_mm(a, b.t(), offs=offsets[1:].to(torch.int32)).to(out_dtype)
+        bounds = offsets.tolist()
+        return torch.stack([a[:, s0:s1] @ b[:, s0:s1].t() for s0, s1 in zip(bounds[:-1], bounds[1:])]).to(
+            out_dtype
+        )
+
+
+def reference_gemm(
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    b_block: bool,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The recipe step by step (slow; a test reference): for each 128-wide K chunk, the partial sum of raw
+    E4M3 products is scaled by the A tile's and the B tile's (or block's) scales and added to the
+    accumulator ("promotion every N_C = 128"). Same operand layouts as `EmulatedBackend.gemm`."""
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    sb = b_s.repeat_interleave(BLOCK, dim=0)[:N] if b_block else b_s  # [N, KB]
+    acc = torch.zeros(M, N, dtype=dtype, device=a_q.device)
+    for kb in range(-(-K // BLOCK)):
+        k0, k1 = kb * BLOCK, min(K, (kb + 1) * BLOCK)
+        part = a_q[:, k0:k1].to(dtype) @ b_q[:, k0:k1].to(dtype).t()
+        acc += part * a_s[:, kb : kb + 1].to(dtype) * sb[:, kb].to(dtype)
+    return acc
 
 
 def triton_available() -> bool:

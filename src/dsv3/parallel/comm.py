@@ -46,6 +46,8 @@ class Pending:
 def _exchange(
     x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, pending: Pending | None
 ) -> torch.Tensor:
+    if len(in_splits) == 1:  # a group of one rank: nothing to exchange
+        return x
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     x = x.contiguous()
     if pending is None:
