@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/dsv3 train --preset tiny --out runs/tiny
+	$(VENV)/bin/dsv3 train --preset tiny --out runs/tiny --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

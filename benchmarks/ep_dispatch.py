@@ -65,17 +65,22 @@ def _volume(moe: MoE, x: torch.Tensor, rank: int, world: int, nodes: int, node_l
     inter = sent[node_of_rank != my_node].sum()
     dest_node = idx // (moe.n_routed_experts // nodes)
     used = torch.zeros(x.shape[0], nodes, dtype=torch.bool).scatter_(1, dest_node, True)
-    used[:, my_node] = False
-    stats = torch.tensor([intra, inter, used.sum().double(), float(x.shape[0]), used.sum(-1).max().double()])
-    dist.all_reduce(stats[:4])
-    mx = stats[4:].clone()
+    remote = used.clone()
+    remote[:, my_node] = False
+    n_tok = float(x.shape[0])
+    stats = torch.tensor(
+        [intra, inter, remote.sum().double(), used.sum().double(), n_tok], dtype=torch.float64
+    )
+    dist.all_reduce(stats)
+    mx = used.sum(-1).max().double().reshape(1)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-    n = stats[3].item()
+    n = stats[4].item()
     return {
         "intra_rows": stats[0].item() / n,
         "inter_rows": stats[1].item() / n,
         "inter_rows_node_dedup": stats[2].item() / n,
-        "max_remote_nodes_per_token": int(mx.item()),
+        "nodes_per_token": stats[3].item() / n,
+        "max_nodes_per_token": int(mx.item()),
     }
 
 
@@ -166,19 +171,24 @@ def main() -> None:
     meta = 8 * args.topk  # int32 local expert ids + fp32 gate weights per row
     for name in ("free", "limited"):
         v = res[name]
+        rows = v["intra_rows"] + v["inter_rows"]
         print(
-            f"dispatch rows/token ({name:7s}): intra-node {v['intra_rows']:.3f}, inter-node {v['inter_rows']:.3f} "
-            f"(node-deduplicated {v['inter_rows_node_dedup']:.3f}); max remote nodes per token "
-            f"{v['max_remote_nodes_per_token']}; bytes/token bf16 {(v['intra_rows'] + v['inter_rows']) * row['bf16']:.0f}, "
-            f"fp8 {(v['intra_rows'] + v['inter_rows']) * row['fp8']:.0f}"
+            f"dispatch ({name}): rows/token intra-node {v['intra_rows']:.3f}, "
+            f"inter-node {v['inter_rows']:.3f} (node-deduplicated {v['inter_rows_node_dedup']:.3f}); "
+            f"nodes/token {v['nodes_per_token']:.2f} "
+            f"(max {v['max_nodes_per_token']}); bytes/token bf16 {rows * row['bf16']:.0f}, "
+            f"fp8 {rows * row['fp8']:.0f}"
         )
     st = res["step_s"]
     print("MoE layer fwd+bwd, global batch", args.tokens, "tokens:",
           ", ".join(f"EP={ep} {1e3 * s:.1f} ms" for ep, s in st.items()))  # fmt: skip
     ov = res["overlap"]
     hidden = max(0.0, 1 - ov["exposed_wait_s"] / ov["sync_a2a_s"]) if ov["sync_a2a_s"] > 0 else 0.0
-    print(f"dispatch a2a sync {1e3 * ov['sync_a2a_s']:.2f} ms, exposed after shared expert "
-          f"{1e3 * ov['exposed_wait_s']:.2f} ms (shared expert {1e3 * ov['shared_s']:.2f} ms): hidden {hidden:.2f}")  # fmt: skip
+    print(
+        f"dispatch a2a sync {1e3 * ov['sync_a2a_s']:.2f} ms, exposed after the shared expert "
+        f"{1e3 * ov['exposed_wait_s']:.2f} ms (shared expert {1e3 * ov['shared_s']:.2f} ms): "
+        f"hidden {hidden:.2f}"
+    )
     ours = res["limited"]["inter_rows_node_dedup"] * row["bf16"]
     base = res["free"]["inter_rows_node_dedup"] * row["bf16"]
     out = {

@@ -376,6 +376,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss computation
     sample_tokens: int = 200
     sample_temperature: float = 0.8
+    # distributed layout (checked by dsv3.parallel.ParallelConfig when the ranks start)
+    dp: int | None = None  # expert-shard replicas; None = world size // ep
+    ep: int = 1  # expert-parallel ranks
+    nodes: int = 1  # simulated nodes the EP group spans
+    node_limit: int | None = None  # M: experts of at most M nodes per token (node-limited routing)
+    fp8_dispatch: bool = False  # EP dispatch in FP8 (E4M3, 1x128 scales)
+    bf16_combine: bool = False  # EP combine in BF16
+    zero1: bool = True  # shard optimizer states over data-parallel ranks
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field; return self."""

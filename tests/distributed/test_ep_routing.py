@@ -146,3 +146,20 @@ def test_parallel_config_validation_messages():
         from dsv3.parallel import build_mesh
 
         build_mesh(ParallelConfig(ep=2))
+
+
+def test_sharded_experts_keep_their_class_and_settings():
+    """parallelize converts FP8 first: the EP shard of FP8 experts must still be FP8 experts."""
+    convert = pytest.importorskip("dsv3.fp8").convert_to_fp8
+    from dsv3.model import Transformer
+    from dsv3.parallel.expert_parallel import shard_experts
+
+    cfg = ModelConfig.from_preset("debug")
+    model = convert(Transformer(cfg))
+    full = model.layers[1].ffn.experts
+    part = shard_experts(full, 2, 3)
+    assert type(part) is type(full) and type(full).__name__ != "GroupedExperts"
+    assert part.n_experts == 3 and torch.equal(part.w1, full.w1[2:5]) and part.w1 is not full.w1
+    x, counts = torch.randn(10, cfg.hidden_size), torch.tensor([3, 3, 4])
+    ref = full.forward_sorted(x, torch.tensor([0, 0, 3, 3, 4, 0, 0, 0]))
+    assert torch.allclose(part.forward_sorted(x, counts), ref, atol=1e-6)

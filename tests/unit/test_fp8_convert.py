@@ -13,6 +13,15 @@ from dsv3.model.mla import linear_weight
 from dsv3.model.transformer import Transformer, lm_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny models are op-overhead bound: one thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def debug_pair():
     torch.manual_seed(0)

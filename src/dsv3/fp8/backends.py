@@ -28,7 +28,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from dsv3.fp8.quant import BLOCK, dequantize_blocks, dequantize_rowwise
+from dsv3.fp8.quant import BLOCK, dequantize_blocks, dequantize_rowwise, quantize_rowwise
 from dsv3.model.moe import grouped_mm
 
 BACKENDS = ("auto", "emulated", "triton", "scaled_mm")
@@ -43,6 +43,12 @@ class EmulatedBackend:
     accumulator. The chunk-by-chunk order of the GPU kernels is reproduced only to fp32 rounding."""
 
     name = "emulated"
+
+    def quantize_rowwise(
+        self, x: torch.Tensor, pow2: bool = False, nonfinite: str = "raise", what: str = "tensor"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """1x128 tiles of an activation or gradient x [rows, K] (dsv3.fp8.quant.quantize_rowwise)."""
+        return quantize_rowwise(x, pow2=pow2, nonfinite=nonfinite, what=what)
 
     def gemm(
         self,

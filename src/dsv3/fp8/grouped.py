@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from dsv3.fp8.backends import get_backend
 from dsv3.fp8.config import FP8Config
-from dsv3.fp8.linear import output_dtype, quantize_input, requantize_along_rows
-from dsv3.fp8.quant import BLOCK, quantize_blocks, quantize_rowwise
+from dsv3.fp8.linear import output_dtype, quantize_act, quantize_input, quantize_weight, requantize_along_rows
+from dsv3.fp8.quant import BLOCK, dequantize_blocks
 from dsv3.model.moe import GroupedExperts
 
 
@@ -43,11 +43,8 @@ def padded_layout(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
 class _FP8GroupedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, weight, xq, xs, offsets, config: FP8Config, out_dtype: torch.dtype, name: str):
-        backend = get_backend(config.backend, xp.device)
-        wq, ws = quantize_blocks(
-            weight, pow2=config.pow2_scales, nonfinite=config.nonfinite, what=f"{name} weight"
-        )
-        y = backend.grouped_gemm(xq, xs, wq, ws, offsets, out_dtype=out_dtype)
+        wq, ws = quantize_weight(weight, config, f"{name} weight")
+        y = get_backend(config.backend, xp.device).grouped_gemm(xq, xs, wq, ws, offsets, out_dtype=out_dtype)
         ctx.save_for_backward(xq, xs, weight, offsets)
         ctx.config, ctx.name, ctx.x_dtype = config, name, xp.dtype
         return y
@@ -61,15 +58,12 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             what = f"gradient of {ctx.name} output"
             if ctx.needs_input_grad[0]:
-                dyq, dys = quantize_rowwise(dy, pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite, what=what)
-                wq, ws = quantize_blocks(weight, pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite, what=ctx.name)
-                dx = backend.grouped_gemm(
-                    dyq, dys, wq.transpose(1, 2), ws.transpose(1, 2), offsets, out_dtype=ctx.x_dtype
-                )
+                dyq, dys = quantize_act(dy, cfg, what)
+                wq, ws = quantize_weight(weight, cfg, f"{ctx.name} weight")
+                wt, wst = wq.transpose(1, 2), ws.transpose(1, 2)
+                dx = backend.grouped_gemm(dyq, dys, wt, wst, offsets, out_dtype=ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                dyt_q, dyt_s = quantize_rowwise(
-                    dy.t(), pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite, what=what
-                )
+                dyt_q, dyt_s = quantize_act(dy.t(), cfg, what)
                 xt_q, xt_s = requantize_along_rows(xq, xs, cfg, f"{ctx.name} input")
                 dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, offsets, out_dtype=torch.float32)
                 dw = dw.to(weight.dtype)
@@ -126,13 +120,10 @@ class FP8GroupedExperts(GroupedExperts):
 
     def dequantized_weights(self) -> dict[str, torch.Tensor]:
         """w1, w2, w3 as the FP8 GEMMs see them (per-expert 128x128-block E4M3 round trip)."""
-        from dsv3.fp8.quant import dequantize_blocks
-
-        cfg = self.fp8_config
         with torch.no_grad():
             return {
                 k: dequantize_blocks(
-                    *quantize_blocks(getattr(self, k), pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite)
+                    *quantize_weight(getattr(self, k), self.fp8_config, f"{self.fp8_name}.{k}")
                 )
                 for k in ("w1", "w2", "w3")
             }

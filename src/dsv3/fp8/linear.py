@@ -26,7 +26,7 @@ from torch import nn
 
 from dsv3.fp8.backends import get_backend
 from dsv3.fp8.config import FP8Config
-from dsv3.fp8.quant import dequantize_rowwise, fake_quantize_blocks, quantize_blocks, quantize_rowwise
+from dsv3.fp8.quant import dequantize_rowwise, fake_quantize_blocks, quantize_blocks
 
 _CACHE_ATTR = "_dsv3_fp8_rowwise"
 
@@ -39,6 +39,17 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def quantize_act(x: torch.Tensor, config: FP8Config, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An activation or gradient x [rows, K] -> 1x128 tiles, on the backend's quantiser."""
+    backend = get_backend(config.backend, x.device)
+    return backend.quantize_rowwise(x, pow2=config.pow2_scales, nonfinite=config.nonfinite, what=what)
+
+
+def quantize_weight(w: torch.Tensor, config: FP8Config, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [..., N, K] -> 128x128 blocks."""
+    return quantize_blocks(w, pow2=config.pow2_scales, nonfinite=config.nonfinite, what=what)
+
+
 def quantize_input(x: torch.Tensor, config: FP8Config, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q [rows, K] E4M3, s [rows, ceil(K/128)]): 1x128 tiles, shared by sibling GEMMs."""
     key = (x._version, tuple(x.shape), config.pow2_scales, config.nonfinite)
@@ -46,12 +57,7 @@ def quantize_input(x: torch.Tensor, config: FP8Config, what: str) -> tuple[torch
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
     with torch.no_grad():
-        q, s = quantize_rowwise(
-            x.detach().reshape(-1, x.shape[-1]),
-            pow2=config.pow2_scales,
-            nonfinite=config.nonfinite,
-            what=what,
-        )
+        q, s = quantize_act(x.detach().reshape(-1, x.shape[-1]), config, what)
     with contextlib.suppress(AttributeError, RuntimeError):  # a tensor refusing attributes just is not shared
         setattr(x, _CACHE_ATTR, (key, q, s))
     return q, s
@@ -59,19 +65,14 @@ def quantize_input(x: torch.Tensor, config: FP8Config, what: str) -> tuple[torch
 
 def requantize_along_rows(q: torch.Tensor, s: torch.Tensor, config: FP8Config, what: str):
     """A [rows, K] tensor cached in 1x128 tiles -> its transpose [K, rows] in 1x128 tiles along rows."""
-    return quantize_rowwise(
-        dequantize_rowwise(q, s).t(), pow2=config.pow2_scales, nonfinite=config.nonfinite, what=what
-    )
+    return quantize_act(dequantize_rowwise(q, s).t(), config, what)
 
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, xq, xs, config: FP8Config, out_dtype: torch.dtype, name: str):
-        backend = get_backend(config.backend, x2d.device)
-        wq, ws = quantize_blocks(
-            weight, pow2=config.pow2_scales, nonfinite=config.nonfinite, what=f"{name} weight"
-        )
-        y = backend.gemm(xq, xs, wq, ws, b_block=True, out_dtype=out_dtype)
+        wq, ws = quantize_weight(weight, config, f"{name} weight")
+        y = get_backend(config.backend, x2d.device).gemm(xq, xs, wq, ws, b_block=True, out_dtype=out_dtype)
         ctx.save_for_backward(xq, xs, weight)
         ctx.config, ctx.name, ctx.x_dtype = config, name, x2d.dtype
         return y
@@ -84,18 +85,15 @@ class _FP8LinearFn(torch.autograd.Function):
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             grad_what = f"gradient of {ctx.name} output"
-            if ctx.needs_input_grad[0]:
-                dyq, dys = quantize_rowwise(dy, pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite, what=grad_what)
-                wq, ws = quantize_blocks(weight, pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite, what=ctx.name)
+            if ctx.needs_input_grad[0]:  # Dgrad: dy 1x128 tiles along N, the weight's blocks transposed
+                dyq, dys = quantize_act(dy, cfg, grad_what)
+                wq, ws = quantize_weight(weight, cfg, f"{ctx.name} weight")
                 dx = backend.gemm(dyq, dys, wq.t(), ws.t(), b_block=True, out_dtype=ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                dyt_q, dyt_s = quantize_rowwise(
-                    dy.t(), pow2=cfg.pow2_scales, nonfinite=cfg.nonfinite, what=grad_what
-                )
+            if ctx.needs_input_grad[1]:  # Wgrad: dy^T and x^T in 1x128 tiles along the tokens
+                dyt_q, dyt_s = quantize_act(dy.t(), cfg, grad_what)
                 xt_q, xt_s = requantize_along_rows(xq, xs, cfg, f"{ctx.name} input")
-                dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, b_block=False, out_dtype=torch.float32).to(
-                    weight.dtype
-                )
+                dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, b_block=False, out_dtype=torch.float32)
+                dw = dw.to(weight.dtype)
         return dx, dw, None, None, None, None, None
 
 

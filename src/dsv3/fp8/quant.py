@@ -42,6 +42,13 @@ def _check_mode(nonfinite: str) -> None:
         raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
 
 
+def _nonfinite_error(n_bad: int, n_tiles: int, what: str) -> FP8NonFiniteError:
+    return FP8NonFiniteError(
+        f"fp8: {what} holds inf/NaN in {n_bad} of {n_tiles} tiles; refusing to quantise it "
+        "(an inf would saturate to 448 and the result would be silently wrong)"
+    )
+
+
 def scales_from_amax(amax: torch.Tensor, pow2: bool = False, nonfinite: str = "raise", what: str = "tensor"):
     """Per-tile amax (fp32) -> dequantisation scales s = amax / 448 (rounded up to 2^k when pow2).
 
@@ -49,17 +56,23 @@ def scales_from_amax(amax: torch.Tensor, pow2: bool = False, nonfinite: str = "r
     _check_mode(nonfinite)
     bad = ~torch.isfinite(amax)
     if nonfinite == "raise" and bool(bad.any()):
-        n = int(bad.sum())
-        raise FP8NonFiniteError(
-            f"fp8: {what} holds inf/NaN in {n} of {amax.numel()} tiles; refusing to quantise it "
-            "(an inf would saturate to 448 and the result would be silently wrong)"
-        )
+        raise _nonfinite_error(int(bad.sum()), amax.numel(), what)
     s = (amax / FP8_MAX).clamp_min(_MIN_SCALE)
     if pow2:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     s = torch.where(amax > 0, s, torch.ones_like(s))
     if nonfinite == "propagate":
         s = torch.where(bad, torch.full_like(s, float("nan")), s)
+    return s
+
+
+def finish_scales(s: torch.Tensor, nonfinite: str, what: str) -> torch.Tensor:
+    """For kernels that mark a non-finite tile with a NaN scale: raise, or keep the NaN (propagate)."""
+    _check_mode(nonfinite)
+    if nonfinite == "raise":
+        bad = ~torch.isfinite(s)
+        if bool(bad.any()):
+            raise _nonfinite_error(int(bad.sum()), s.numel(), what)
     return s
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3.fp8.quant import BLOCK
+from dsv3.fp8.quant import BLOCK, FP8_DTYPE, finish_scales, quantize_rowwise
 
 
 def _dense_configs() -> list:
@@ -202,10 +202,56 @@ def _grouped_wgrad_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _quantize_rowwise_kernel(
+    x_ptr,  # [R, K] fp32/bf16, any strides
+    q_ptr,  # [R, K] e4m3, contiguous
+    s_ptr,  # [R, KB] fp32, contiguous
+    K,
+    KB,
+    stride_xr,
+    stride_xk,
+    POW2: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One 1x128 tile per program, as DeepSeek's act_quant: s = amax / 448, q = x / s in E4M3."""
+    r = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + r * stride_xr + offs.to(tl.int64) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    n_nan = tl.sum((x != x).to(tl.int32), axis=0)  # max() may skip NaN: count them explicitly
+    s = tl.maximum(amax / 448.0, 1.1754943508222875e-38)
+    if POW2:
+        s = tl.exp2(tl.ceil(tl.log2(s)))
+    s = tl.where(amax > 0, s, 1.0)
+    s = tl.where((n_nan > 0) | (amax == float("inf")), float("nan"), s)
+    q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    tl.store(q_ptr + r * K + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + r * KB + kb, s)
+
+
 class TritonBackend:
     """The dsv3.fp8.backends interface on the Triton kernels above."""
 
     name = "triton"
+
+    def quantize_rowwise(
+        self, x: torch.Tensor, pow2: bool = False, nonfinite: str = "raise", what: str = "tensor"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """1x128 tiles of x [R, K] in one fused kernel (any strides: dy^T needs no copy)."""
+        if x.dim() != 2 or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return quantize_rowwise(x, pow2=pow2, nonfinite=nonfinite, what=what)
+        R, K = x.shape
+        kb = -(-K // BLOCK)
+        q = torch.empty(R, K, dtype=FP8_DTYPE, device=x.device)
+        s = torch.empty(R, kb, dtype=torch.float32, device=x.device)
+        if R and K:
+            _quantize_rowwise_kernel[(R, kb)](
+                x, q, s, K, kb, x.stride(0), x.stride(1), POW2=pow2, BLOCK_K=BLOCK, num_warps=1
+            )
+        return q, finish_scales(s, nonfinite, what)
 
     def gemm(
         self,

@@ -70,6 +70,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.wo = nn.Linear(H * c.v_head_dim, D, bias=False)
+        self._absorbed: tuple | None = None  # (key, w_uk, w_uv) cached by absorbed_weights at inference
 
     def query(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -138,18 +139,39 @@ class MLA(nn.Module):
         pe: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Attention over the latent with wkv_b folded in. mask [B, S, T] (None = causal). [B, S, H*Dv]."""
-        B, S, H, _ = q_nope.shape
-        T = c.shape[1]
-        wkv_b = linear_weight(self.wkv_b).view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = wkv_b.to(q_nope.dtype).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        scores = torch.einsum("bshc,btc->bsht", q_lat, c) + torch.einsum("bshr,btr->bsht", q_pe, pe)
-        scores = scores.float() * self.softmax_scale
+        """Attention over the latent with wkv_b folded in. mask [B, S, T] (None = causal). [B, S, H*Dv].
+
+        Written as batched matmuls (no einsum) because decode runs it per token per layer on tiny shapes."""
+        B, S, H, Dn = q_nope.shape
+        T, C = c.shape[1], self.kv_lora_rank
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # [H, Dn, C], [H, Dv, C]
+        q_lat = torch.bmm(q_nope.reshape(B * S, H, Dn).transpose(0, 1), w_uk)  # [H, B*S, C]
+        q_lat = q_lat.transpose(0, 1).reshape(B, S * H, C)
+        # scores[b, (s,h), t] = q_lat . c_t + q_pe . pe_t
+        scores = torch.baddbmm(
+            torch.bmm(q_pe.reshape(B, S * H, self.qk_rope_head_dim), pe.transpose(1, 2)), q_lat, c.transpose(1, 2)
+        )
+        scores = scores.view(B, S, H, T).float() * self.softmax_scale
         if mask is None:
             mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
         p = scores.softmax(dim=-1).to(c.dtype)
-        o_lat = torch.einsum("bsht,btc->bshc", p, c)
-        o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv)
-        return o.reshape(B, S, H * self.v_head_dim)
+        o_lat = torch.bmm(p.view(B, S * H, T), c)  # [B, S*H, C]
+        o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, Dv]
+        return o.transpose(0, 1).reshape(B, S, H * self.v_head_dim)
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b split per head into w_uk [H, Dn, C] and w_uv [H, Dv, C], in `dtype`.
+
+        Without autograd (inference) the pair is kept until wkv_b's weight changes (its storage or version
+        counter), so decode does not re-derive it per token, nor re-dequantise an FP8 wkv_b."""
+        w = self.wkv_b.weight
+        key = None
+        if not torch.is_grad_enabled() and not w.is_inference():
+            key = (w.data_ptr(), w._version, dtype)
+            if self._absorbed is not None and self._absorbed[0] == key:
+                return self._absorbed[1], self._absorbed[2]
+        wkv_b = linear_weight(self.wkv_b).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_uk, w_uv = wkv_b.to(dtype).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        self._absorbed = None if key is None else (key, w_uk, w_uv)
+        return w_uk, w_uv

@@ -128,10 +128,25 @@ class GroupedExperts(nn.Module):
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, D] sorted by expert with counts [E] -> expert outputs [rows, D] (not yet gated)."""
+        if x.device.type == "cpu" and x.shape[0] < self.n_experts and not torch.is_grad_enabled():
+            return self._forward_active(x, counts)
         h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts)) * grouped_mm(
             x, self.w3.transpose(1, 2), counts
         )
         return grouped_mm(h, self.w2.transpose(1, 2), counts)
+
+    def _forward_active(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Decode-sized inputs on CPU (fewer rows than experts): the same per-expert products as
+        grouped_mm, for the experts that received rows only (CPU grouped_mm pays per group, empty or not)."""
+        out = torch.empty_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                xe = x[start : start + n]
+                h = F.silu(F.linear(xe, self.w1[e].to(x.dtype))) * F.linear(xe, self.w3[e].to(x.dtype))
+                out[start : start + n] = F.linear(h, self.w2[e].to(x.dtype))
+                start += n
+        return out
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, D], gate weights/indices [N, K] -> sum_k weight_k * expert_k(x) [N, D]."""

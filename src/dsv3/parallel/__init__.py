@@ -66,7 +66,7 @@ def parallelize(
             from dsv3.fp8 import convert_to_fp8  # type: ignore[attr-defined]
         except ImportError as e:
             raise ValueError("FP8 conversion (dsv3.fp8.convert_to_fp8) is not available") from e
-        convert_to_fp8(model, model_config)
+        convert_to_fp8(model)  # default FP8 recipe; a trainer with its own FP8Config converts before
     # 2. expert parallel
     if pc.ep > 1 or pc.node_limit is not None or pc.fp8_dispatch or pc.bf16_combine:
         _apply_expert_parallel(model, mesh)

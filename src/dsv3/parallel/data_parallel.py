@@ -245,3 +245,35 @@ class DataParallel:
                 total += p.numel()
                 owned += p.numel() if (not self.zero1 or b.n == 1 or b.owned(i)) else 0
         return owned / max(total, 1)
+
+
+class ShardedOptimizer:
+    """The optimizer as a training loop sees it under DataParallel: param_groups (learning-rate
+    schedules), state_dict/load_state_dict (this rank's shard), zero_grad, and step() = the owned
+    parameters' update followed by the all-gather (zero1)."""
+
+    def __init__(self, dp: DataParallel):
+        if dp.optimizer is None:
+            raise ValueError("ShardedOptimizer needs a DataParallel built with an optimizer")
+        self.dp = dp
+        self.inner = dp.optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.inner.state
+
+    def step(self) -> None:
+        self.dp.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dp.model.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)

@@ -70,6 +70,20 @@ def route(
     return gate.select(scores.masked_fill(~allowed, float("-inf")))
 
 
+def shard_experts(full: GroupedExperts, start: int, n: int) -> GroupedExperts:
+    """Experts [start, start + n) as a module of the same class and settings (FP8 experts stay FP8)."""
+    local = type(full).__new__(type(full))
+    nn.Module.__init__(local)
+    local.__dict__.update({k: v for k, v in vars(full).items() if not k.startswith("_")})
+    with torch.no_grad():
+        for name in ("w1", "w2", "w3"):
+            src = getattr(full, name)
+            shard = src[start : start + n].detach().clone()
+            setattr(local, name, nn.Parameter(shard, requires_grad=src.requires_grad))
+    local.n_experts = n
+    return local
+
+
 # --------------------------------------------------------------------------- dispatch autograd node
 class _DispatchGrad(torch.autograd.Function):
     """Connects the received rows to the sent ones. Forward: the (already exchanged) received buffers,
@@ -119,15 +133,7 @@ class ExpertParallelMoE(MoE):
             )
         self.gate = moe.gate
         self.shared_experts = moe.shared_experts
-        full = moe.experts
-        D, I = full.w1.shape[2], full.w1.shape[1]
-        self.experts = GroupedExperts(L, D, I)
-        lo = self.ep_rank * L
-        with torch.no_grad():
-            for name in ("w1", "w2", "w3"):
-                src = getattr(full, name)
-                shard = src[lo : lo + L].detach().clone()
-                setattr(self.experts, name, nn.Parameter(shard, requires_grad=src.requires_grad))
+        self.experts = shard_experts(moe.experts, self.ep_rank * L, L)
         self.record_timings = False
         self.timings: dict[str, float] = {}
         self.last_load: dict[str, torch.Tensor] = {}

@@ -214,3 +214,39 @@ def run_local(
                     f"run_local: {fn.__name__} on {nproc} ranks did not finish in {timeout_s:.0f}s"
                 )
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+# --------------------------------------------------------------------------- `--nproc N` for a function
+def spawn_call(target: str, payload: Any, nproc: int, **kw: Any) -> int:
+    """Run `module:function(payload)` on nproc local ranks (see `spawn`); payload travels pickled.
+
+    Each rank runs `_call_main([module:function, FILE])`; the function's return value is the rank's exit
+    code (a ValueError prints as a clean error, exit 2)."""
+    import pickle
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "payload.pkl"
+        f.write_bytes(pickle.dumps(payload))
+        code = "import sys; from dsv3.parallel.launch import _call_main; sys.exit(_call_main(sys.argv[1:]))"
+        return spawn([sys.executable, "-c", code, target, str(f)], nproc, **kw)
+
+
+def _call_main(argv: list[str]) -> int:
+    import importlib
+    import pickle
+
+    if len(argv) != 2 or ":" not in argv[0]:
+        print("usage: _call_main([module:function, PAYLOAD_FILE])", file=sys.stderr)
+        return 2
+    module, _, name = argv[0].partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    payload = pickle.loads(Path(argv[1]).read_bytes())
+    try:
+        rc = int(fn(payload) or 0)
+    except ValueError as e:
+        print(f"dsv3 (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr)
+        rc = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return rc

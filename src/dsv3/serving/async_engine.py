@@ -169,6 +169,11 @@ class AsyncEngine:
                         del self._subs[o.request_id]
                 if sub is None:
                     continue
+                if o.finished and o.finish_reason == "error":  # one request failed (e.g. its worker died)
+                    self.metrics.inc("requests_failed")
+                    why = getattr(o.output, "error", None) or "the request failed"
+                    self._send(sub, EngineError(o.request_id, f"engine error: {why}"))
+                    continue
                 n = len(o.new_token_ids)
                 if n:
                     if sub.last_token_time is None:

@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
+        "--disaggregate", action="store_true", help="prefill and decode in separate worker processes"
+    )
+    p.add_argument("--prefill-workers", type=int, default=1, help="prefill processes (--disaggregate)")
+    p.add_argument("--decode-workers", type=int, default=1, help="decode processes (--disaggregate)")
+    p.add_argument(
         "--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM"
     )
 
@@ -39,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
         dtype=args.dtype,
+        disaggregate=args.disaggregate,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
     )
     print(f"dsv3 serving {state.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
     build_server(state, args.host, args.port, args.graceful_timeout, log_level="info").run()

@@ -40,25 +40,46 @@ def load_state(
     max_seq_len: int | None = None,
     speculative: bool = False,
     dtype: str | None = None,
+    disaggregate: bool = False,
+    prefill_workers: int = 1,
+    decode_workers: int = 1,
 ) -> ServerState:
-    """model: a path (HF dir or run dir), a dsv3 Transformer, or a ready `dsv3.LLM`."""
+    """model: a path (HF dir or run dir), a dsv3 Transformer, or a ready `dsv3.LLM`.
+
+    disaggregate: prefill and decode in separate worker processes (dsv3.inference.disagg.DisaggEngine);
+    max_batch_size is then per decode worker."""
     from dsv3.inference import LLM
 
     if max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
     model_dir = None
-    if isinstance(model, LLM):
-        llm = model
-    else:
-        if isinstance(model, str | Path):
-            from dsv3.checkpoint import resolve_model_dir
+    if isinstance(model, str | Path):
+        from dsv3.checkpoint import resolve_model_dir
 
-            model_dir = Path(resolve_model_dir(model))
-        llm = LLM(
-            model, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer
+        model_dir = Path(resolve_model_dir(model))
+    if disaggregate:
+        from dsv3.inference.disagg import DisaggEngine
+        from dsv3.inference.llm import parse_dtype
+
+        src = model.model if isinstance(model, LLM) else model
+        tok = model.tokenizer if isinstance(model, LLM) and tokenizer is None else tokenizer
+        engine = DisaggEngine(
+            model_dir or src,
+            tok,
+            prefill_workers=prefill_workers,
+            decode_workers=decode_workers,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            dtype=parse_dtype(dtype),
+            speculative=speculative,
         )
-    engine = llm.engine
-    engine.speculative = speculative
+    else:
+        llm = model
+        if not isinstance(model, LLM):
+            kw = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer)
+            llm = LLM(model, dtype=dtype, **kw)
+        engine = llm.engine
+        engine.speculative = speculative
     if model_name is None:
         model_name = Path(str(model)).name if isinstance(model, str | Path) else "dsv3"
     return ServerState(
@@ -80,6 +101,9 @@ def build_server(
         state.engine.start()
         yield
         state.engine.shutdown(timeout=graceful_timeout)
+        close = getattr(state.core, "close", None)  # worker processes (disaggregated engine)
+        if callable(close):
+            close()
 
     app.router.lifespan_context = lifespan
     config = uvicorn.Config(

@@ -71,18 +71,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (dsv3.fp8.convert_to_fp8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
+    parser.add_argument("--nproc", type=int, default=1, help="local ranks for expert/data parallelism "
+                        "(gloo/NCCL; layout from dp/ep/nodes); leave out under torchrun")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="model or train setting overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.train.trainer import Trainer, TrainingDiverged
+    from dsv3.train.distributed import make_trainer, maybe_spawn
+    from dsv3.train.trainer import TrainingDiverged
 
     if args.steps is not None and args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
     if args.stop_at is not None and not 0 < args.stop_at <= train_cfg.steps:
         raise ValueError(f"--stop-at must be in [1, steps={train_cfg.steps}], got {args.stop_at}")
-    trainer = Trainer(
+    spawned = maybe_spawn(args, model_cfg, train_cfg)  # --nproc N: start N ranks running this command
+    if spawned is not None:
+        return spawned
+    trainer = make_trainer(  # the distributed trainer under torchrun / as a spawned rank
         model_cfg,
         train_cfg,
         args.out or f"runs/{args.preset}",
@@ -98,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dsv3 train: {e}", file=sys.stderr)
         return 1
     if summary["step"] >= train_cfg.steps and not args.no_sample and train_cfg.sample_tokens:
-        print("\n--- sample (prompt: newline) ---")
-        print(trainer.sample("\n"))
-        print("---")
+        text = trainer.sample("\n")  # every rank: expert-parallel forwards need them all
+        if trainer.rank == 0:
+            print(f"\n--- sample (prompt: newline) ---\n{text}\n---")
     return 0
 
 

@@ -223,6 +223,10 @@ class Trainer:
         """Mean over data-parallel ranks of a local scalar (identity in one process)."""
         return x
 
+    def reduce_gradients(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Global gradient norm of the step (a data-parallel trainer first reduces the gradients here)."""
+        return grad_norm(params)
+
     # ------------------------------------------------------------------ one step
     @property
     def balance_alpha(self) -> float:
@@ -258,7 +262,7 @@ class Trainer:
         sums = self.reduce_scalar(sums)
         counts = self.reduce_counts(counts or [])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = grad_norm(params)
+        norm = self.reduce_gradients(params)
         finite = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(norm))
         lr, gamma = lr_at(c, step), bias_update_speed_at(c, step)
         self.step += 1
@@ -330,11 +334,16 @@ class Trainer:
         self.export_hf()
         return path
 
-    def load_checkpoint(self) -> Path:
+    def read_checkpoint(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+        """The newest good checkpoint: (path, model state, train state) (sharded under data parallelism)."""
         path = ckpt.latest_good_checkpoint(self.ckpt_dir, warn=self.log)
         if path is None:
             raise ValueError(f"--resume: no usable checkpoint in {self.ckpt_dir} (all failed verification)")
         model_state, st = ckpt.load_checkpoint(path)
+        return path, model_state, st
+
+    def load_checkpoint(self) -> Path:
+        path, model_state, st = self.read_checkpoint()
         if st["model_config"] != self.model_config.to_dict():
             diff = sorted(k for k, v in st["model_config"].items() if self.model_config.to_dict().get(k) != v)
             raise ValueError(f"--resume: the model config differs from the checkpoint's in {diff}")
@@ -400,7 +409,8 @@ class Trainer:
                     ev = self.evaluate(c.eval_batches or None)
                     self.metrics.write(ev)
                     self.log(f"step {self.step}: val_loss {ev['val_loss']:.4f}, val_bpb {ev['val_bpb']:.4f}")
-                if (c.ckpt_every and self.step % c.ckpt_every == 0) or self.step == end:
+                periodic = c.ckpt_every and self.step % c.ckpt_every == 0 and not self.bad_in_row
+                if periodic or self.step == end:  # no periodic save inside a non-finite streak
                     self.save_checkpoint()
         finally:
             self._bar.close()

@@ -210,7 +210,8 @@ class PipelineRuntime:
 
     def _irecv(self, msg: Message, src: int, tag: int) -> _Inbox:
         stage = self.stages[msg.stage]
-        bufs = [torch.empty(shape, dtype=dt) for shape, dt in stage.input_spec(*self._spec_args)]
+        spec = stage.input_spec if msg.kind == "act" else stage.output_spec
+        bufs = [torch.empty(shape, dtype=dt) for shape, dt in spec(*self._spec_args)]
         ops = [
             dist.P2POp(dist.irecv, b, group=self.group, group_peer=src, tag=4 * tag + j) for j, b in enumerate(bufs)
         ]
@@ -284,6 +285,8 @@ class PipelineRuntime:
         else:
             outs = self._outputs.pop((mb, s))
             received = inputs[Message("grad", mb, s)]
+            if len(received) != len(outs):
+                raise RuntimeError(f"stage {s}: {len(received)} output gradients for {len(outs)} outputs")
             pairs = [(o, g) for o, g in zip(outs, received) if o.requires_grad]
             roots, grads = [o for o, _ in pairs], [g for _, g in pairs]
         with self.store.defer((mb, s)) if split else nullcontext():

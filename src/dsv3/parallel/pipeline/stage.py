@@ -87,12 +87,17 @@ class PipelineStage(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(n_moe, cfg.n_routed_experts or 0), persistent=False)
 
     def input_spec(self, batch: int, seq: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """Shapes and dtypes of what this stage receives from the previous one (and sends its gradient of)."""
-        if self.is_first:
-            return []
+        """Shapes and dtypes of what this stage receives from the previous one (and sends the gradient of)."""
+        return [] if self.is_first else self._spec(self.moe_before, batch, seq, dtype)
+
+    def output_spec(self, batch: int, seq: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of what this stage sends to the next one (and receives the gradient of)."""
+        return [] if self.is_last else self._spec(self.moe_before + len(self.moe_here), batch, seq, dtype)
+
+    def _spec(self, rows: int, batch: int, seq: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
         spec = [((batch, seq, self.config.hidden_size), dtype)]
-        if self.ship_stats and self.moe_before > 0:
-            spec.append(((self.moe_before, 2), torch.float32))
+        if self.ship_stats and rows > 0:
+            spec.append(((rows, 2), torch.float32))
         return spec
 
     def reset_expert_counts(self) -> None:

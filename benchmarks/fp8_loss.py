@@ -1,0 +1,202 @@
+"""FP8 vs BF16 training: relative loss error of the same run (the paper: below 0.25%), and activation memory.
+
+Two trainers (dsv3.train.Trainer) with the same preset, seed, data order and initial weights; one runs its
+GEMMs through dsv3.fp8 (convert_to_fp8: 1x128 / 128x128 E4M3 tiles, emulated on CPU), the other in BF16
+autocast. Both keep FP32 master weights. Their steps alternate (so a busy machine slows both alike).
+Reported: the relative difference of the final smoothed training loss (mean over the last `--window`
+steps) and of the validation loss on the whole validation split; `rel_loss_error` is the larger.
+
+Activation memory: on one batch, the bytes each model's autograd graph holds for backward (saved-tensor
+hooks; storages counted once; parameters and autocast's BF16 weight copies excluded).
+
+    python benchmarks/fp8_loss.py [--preset tiny] [--steps 200] [--png benchmarks/out/fp8_loss.png] [key=value ...]
+
+Last line: JSON {rel_loss_error, ours (FP8 val loss), baseline (BF16 val loss), ratio, unit, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsv3.train.cli import build_configs
+from dsv3.train.trainer import Trainer
+
+
+def saved_activation_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+    """Bytes held for backward by one forward of the trainer's loss, by dtype (activations only)."""
+    model = trainer.model
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape[::-1]) for p in model.parameters()}
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        weight_copy = t.dtype == torch.bfloat16 and tuple(t.shape) in shapes  # autocast's cast of a weight
+        if ptr not in params and ptr not in seen and not weight_copy:
+            seen[ptr] = (str(t.dtype).replace("torch.", ""), st.nbytes())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = trainer.forward_loss(x, y, 0.3)[0].loss  # (under the trainer's autocast)
+    by_dtype: dict[str, int] = {}
+    for dtype, n in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+    del out
+    return {"total": sum(by_dtype.values()), **by_dtype}
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(
+    curves: dict[str, list[float]], vals: dict[str, list[tuple[int, float]]], window: int, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, axd) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
+    colors = {"bf16": "tab:blue", "fp8": "tab:red"}
+    for name, c in curves.items():
+        steps = range(1, len(c) + 1)
+        ax.plot(steps, c, color=colors[name], alpha=0.25, lw=0.8)
+        ax.plot(
+            steps, smooth(c, window), color=colors[name], lw=1.8, label=f"{name} train (mean of {window})"
+        )
+        if vals[name]:
+            vs, vl = zip(*vals[name])
+            ax.plot(vs, vl, "o--", color=colors[name], ms=4, label=f"{name} val")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title("FP8 (1x128 / 128x128 E4M3, emulated) vs BF16 training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    sb, sf = smooth(curves["bf16"], window), smooth(curves["fp8"], window)
+    axd.plot(range(1, len(sb) + 1), [100 * (f - b) / b for f, b in zip(sf, sb)], color="k", lw=1)
+    axd.axhline(0, color="gray", lw=0.5)
+    axd.axhspan(-0.25, 0.25, color="green", alpha=0.1, label="paper's 0.25%")
+    axd.set_ylabel("(fp8 - bf16) / bf16, %")
+    axd.set_xlabel("step")
+    axd.legend(loc="upper right")
+    axd.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument(
+        "--window", type=int, default=None, help="steps averaged for the final train loss (steps/10)"
+    )
+    ap.add_argument(
+        "--evals", type=int, default=4, help="validation points on the curve (the last is the full split)"
+    )
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--png", default="benchmarks/out/fp8_loss.png")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
+    window = args.window or max(5, train_cfg.steps // 10)
+    names = ("bf16", "fp8")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            n: Trainer(model_cfg, train_cfg, Path(tmp) / n, fp8=n == "fp8", progress=False, overwrite=True)
+            for n in names
+        }
+        a, b = trainers["bf16"], trainers["fp8"]
+        same = all(
+            torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values())
+        )
+        if not same:
+            raise RuntimeError("the two runs do not start from the same weights")
+        x, y = a.data.next_batch(train_cfg.batch_size, 0, 1)
+        a.data.load_state_dict(b.data.state_dict())  # rewind: both runs then see the same batches
+        mem = {n: saved_activation_bytes(t, x, y) for n, t in trainers.items()}
+        curves: dict[str, list[float]] = {n: [] for n in names}
+        vals: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
+        secs = {n: 0.0 for n in names}
+        eval_at = {round(train_cfg.steps * (i + 1) / args.evals) for i in range(args.evals)}
+        t_start = time.perf_counter()
+        for step in range(1, train_cfg.steps + 1):
+            for n, t in trainers.items():
+                t0 = time.perf_counter()
+                rec = t.train_step()
+                secs[n] += time.perf_counter() - t0
+                if rec["type"] != "train":
+                    raise RuntimeError(f"{n} step {step}: {rec}")
+                curves[n].append(rec["loss"])
+            if step in eval_at:
+                full = step == train_cfg.steps
+                for n, t in trainers.items():
+                    r = t.evaluate(max_batches=None if full else train_cfg.eval_batches)
+                    vals[n].append((step, r["val_loss"]))
+                print(
+                    f"step {step}: train bf16 {smooth(curves['bf16'], window)[-1]:.4f} "
+                    f"fp8 {smooth(curves['fp8'], window)[-1]:.4f} | val bf16 {vals['bf16'][-1][1]:.4f} "
+                    f"fp8 {vals['fp8'][-1][1]:.4f} | {time.perf_counter() - t_start:.0f}s",
+                    flush=True,
+                )
+    train_final = {n: smooth(curves[n], window)[-1] for n in names}
+    val_final = {n: vals[n][-1][1] for n in names}
+    rel_train = abs(train_final["fp8"] - train_final["bf16"]) / train_final["bf16"]
+    rel_val = abs(val_final["fp8"] - val_final["bf16"]) / val_final["bf16"]
+    png = Path(args.png)
+    plot(curves, vals, window, png)
+    mb = {n: mem[n]["total"] / 2**20 for n in names}
+    print(f"train loss (mean of last {window}): bf16 {train_final['bf16']:.4f} fp8 {train_final['fp8']:.4f}")
+    print(f"val loss (full split):       bf16 {val_final['bf16']:.4f} fp8 {val_final['fp8']:.4f}")
+    print(f"relative error: train {100 * rel_train:.3f}%, val {100 * rel_val:.3f}% (paper: < 0.25%)")
+    print(f"activations held for backward: bf16 {mb['bf16']:.1f} MiB, fp8 {mb['fp8']:.1f} MiB ({mem})")
+    print(
+        f"seconds per step: bf16 {secs['bf16'] / train_cfg.steps:.2f}, fp8 (emulated) {secs['fp8'] / train_cfg.steps:.2f}"
+    )
+    print(f"curves: {png}")
+    result = {
+        "rel_loss_error": max(rel_train, rel_val),
+        "rel_train_loss_error": rel_train,
+        "rel_val_loss_error": rel_val,
+        "ours": val_final["fp8"],
+        "baseline": val_final["bf16"],
+        "ratio": val_final["fp8"] / val_final["bf16"],
+        "unit": "val loss (nats), fp8 vs bf16",
+        "train_loss_fp8": train_final["fp8"],
+        "train_loss_bf16": train_final["bf16"],
+        "activation_bytes_bf16": mem["bf16"],
+        "activation_bytes_fp8": mem["fp8"],
+        "activation_ratio": mem["fp8"]["total"] / mem["bf16"]["total"],
+        "sec_per_step_bf16": secs["bf16"] / train_cfg.steps,
+        "sec_per_step_fp8_emulated": secs["fp8"] / train_cfg.steps,
+        "preset": args.preset,
+        "steps": train_cfg.steps,
+        "tokens_per_step": train_cfg.batch_size * train_cfg.seq_len,
+        "smooth_window": window,
+        "png": str(png),
+        "target": 0.0025,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
