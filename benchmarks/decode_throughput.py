@@ -93,7 +93,10 @@ def per_token(llm: LLM, hf, context: int, new: int, reps: int, gen: torch.Genera
     for _ in range(reps):
         ours_d.append((ours_generate(llm, prompt, new + 1)[0] - ours_generate(llm, prompt, 1)[0]) / new)
         hf_d.append((hf_generate(hf, prompt, new + 1)[0] - hf_generate(hf, prompt, 1)[0]) / new)
-    return {"ours_ms": round(statistics.median(ours_d) * 1e3, 3), "baseline_ms": round(statistics.median(hf_d) * 1e3, 3)}
+    return {
+        "ours_ms": round(statistics.median(ours_d) * 1e3, 3),
+        "baseline_ms": round(statistics.median(hf_d) * 1e3, 3),
+    }
 
 
 def main() -> None:
@@ -120,7 +123,9 @@ def main() -> None:
     for batch in (1, 8):
         r = throughput(llm, hf, batch, args.prompt_len, args.new_tokens, args.reps, gen)
         result[f"batch_{batch}"] = r
-        print(f"batch {batch}: ours {r['ours']} tok/s, transformers {r['baseline']} tok/s, ratio {r['ratio']}")
+        print(
+            f"batch {batch}: ours {r['ours']} tok/s, transformers {r['baseline']} tok/s, ratio {r['ratio']}"
+        )
     if not args.skip_context:
         ctx = {}
         for c in (args.prompt_len, args.long_context):

@@ -33,7 +33,9 @@ from dsv3.train.optim import AdamW, param_groups
 
 
 def _ctx(mode: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if mode.startswith("bf16") else contextlib.nullcontext()
+    return (
+        torch.autocast("cpu", dtype=torch.bfloat16) if mode.startswith("bf16") else contextlib.nullcontext()
+    )
 
 
 def ours_step_fn(model: Transformer, mode: str, mtp: bool) -> Callable[[torch.Tensor, torch.Tensor], float]:

@@ -163,3 +163,15 @@ def test_sharded_experts_keep_their_class_and_settings():
     x, counts = torch.randn(10, cfg.hidden_size), torch.tensor([3, 3, 4])
     ref = full.forward_sorted(x, torch.tensor([0, 0, 3, 3, 4, 0, 0, 0]))
     assert torch.allclose(part.forward_sorted(x, counts), ref, atol=1e-6)
+
+
+def test_load_report_per_rank_node_and_maxvio():
+    from dsv3.parallel import load_report
+
+    mesh = Mesh.single(ParallelConfig(ep=4, nodes=2))
+    counts = torch.tensor([[4.0, 0, 1, 1, 2, 2, 3, 3], [2.0] * 8])
+    rep = load_report(counts, mesh)
+    assert rep["per_rank"].tolist() == [[4, 2, 4, 6], [4, 4, 4, 4]]
+    assert rep["per_node"].tolist() == [[6, 10], [8, 8]]
+    assert torch.allclose(rep["max_vio"], torch.tensor([4 / 2 - 1, 0.0]))
+    assert torch.allclose(rep["rank_max_vio"], torch.tensor([6 / 4 - 1, 0.0]))

@@ -15,6 +15,7 @@ from dsv3.fp8 import (
     FP8Config,
     FP8GroupedExperts,
     FP8Linear,
+    FP8NonFiniteError,
     convert_to_fp8,
     fp8_gpu_available,
     get_backend,
@@ -55,9 +56,32 @@ def _scaled_mm_or_skip():
         pytest.skip(str(e))
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_quantiser_matches_torch(pow2):
+    be = get_backend("triton", DEV)
+    x = torch.randn(512, 1000, device=DEV) * torch.logspace(-4, 4, 512, device=DEV)[:, None]
+    x[3] = 0
+    for xx in (x, x.t().contiguous().t(), x.bfloat16()):  # row-major, column-major (dy^T), bf16
+        q, s = be.quantize_rowwise(xx, pow2=pow2)
+        q_ref, s_ref = quantize_rowwise(xx, pow2=pow2)
+        assert q.shape == xx.shape and s.shape == (512, 8)
+        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+        # a division rounded differently can move a value by one E4M3 step, nothing more
+        assert (q.float() != q_ref.float()).float().mean().item() < 1e-3
+        assert rel(q.float(), q_ref.float()) < 1e-3
+    x[7, 900] = float("inf")
+    with pytest.raises(FP8NonFiniteError, match="1 of"):
+        be.quantize_rowwise(x)
+    x[7, 900] = float("nan")
+    _, s = be.quantize_rowwise(x, nonfinite="propagate")
+    assert bool(s[7, 7].isnan()) and int(s.isnan().sum()) == 1
+
+
 @pytest.mark.parametrize("backend", ["triton", "scaled_mm"])
 @pytest.mark.parametrize("b_block", [True, False])
-@pytest.mark.parametrize(("M", "N", "K"), [(256, 512, 1024), (300, 200, 500), (64, 7168, 2048), (1, 128, 128)])
+@pytest.mark.parametrize(
+    ("M", "N", "K"), [(256, 512, 1024), (300, 200, 500), (64, 7168, 2048), (1, 128, 128)]
+)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_dense_gemm_matches_emulated(backend, b_block, M, N, K, out_dtype):
     be = get_backend("triton", DEV) if backend == "triton" else _scaled_mm_or_skip()

@@ -32,7 +32,11 @@ def _train(corpus, out, *extra):
 
 
 def _losses(run_dir):
-    return [(r["step"], r["loss"], r["mtp_loss"], r["grad_norm"]) for r in read_metrics(run_dir) if r["type"] == "train"]
+    return [
+        (r["step"], r["loss"], r["mtp_loss"], r["grad_norm"])
+        for r in read_metrics(run_dir)
+        if r["type"] == "train"
+    ]
 
 
 def test_short_run_loss_falls_and_writes_everything(corpus, tmp_path, capsys):
@@ -41,7 +45,16 @@ def test_short_run_loss_falls_and_writes_everything(corpus, tmp_path, capsys):
     recs = read_metrics(out)
     train = [r for r in recs if r["type"] == "train"]
     assert len(train) == 30
-    for key in ("loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "max_vio", "expert_load"):
+    for key in (
+        "loss",
+        "mtp_loss",
+        "balance_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "max_vio",
+        "expert_load",
+    ):
         assert key in train[0]
     assert sum(r["loss"] for r in train[-5:]) / 5 < train[0]["loss"] - 1.0
     evals = [r for r in recs if r["type"] == "eval"]
@@ -53,9 +66,9 @@ def test_short_run_loss_falls_and_writes_everything(corpus, tmp_path, capsys):
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
     stdout = capsys.readouterr().out
     assert "val_bpb" in stdout and "--- sample" in stdout
-    from dsv3.checkpoint import from_pretrained
-
     from safetensors.torch import load_file
+
+    from dsv3.checkpoint import from_pretrained
 
     model = from_pretrained(out)  # the exported HF directory holds the trained weights
     native = load_file(out / "checkpoints" / "step_00000030" / MODEL_FILE)
@@ -92,7 +105,9 @@ def test_corrupted_newest_checkpoint_is_named_and_skipped(corpus, tmp_path, caps
 
 
 def test_nan_guard_skips_then_stops(corpus, tmp_path):
-    model_cfg, train_cfg = build_configs("debug", [*FAST, "eval_every=0", "ckpt_every=2", "max_bad_steps=3"], 10)
+    model_cfg, train_cfg = build_configs(
+        "debug", [*FAST, "eval_every=0", "ckpt_every=2", "max_bad_steps=3"], 10
+    )
     trainer = Trainer(model_cfg, train_cfg, tmp_path / "run", data=corpus, progress=False)
     real = trainer._loss_fn
     poison = {3}  # steps (0-based) whose loss is NaN
@@ -114,3 +129,14 @@ def test_nan_guard_skips_then_stops(corpus, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"3 non-finite steps in a row.*step_00000006\) is intact"):
         trainer.fit()
     assert (list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / MODEL_FILE).read_bytes() == before
+
+
+def test_gradient_accumulation_matches_one_batch(corpus, tmp_path):
+    """micro_batch_size splits a step's batch without changing the update (FP32, up to rounding)."""
+    losses = []
+    for micro in ("null", "2"):
+        extra = [*FAST, "eval_every=0", "ckpt_every=0", "dtype=float32", f"micro_batch_size={micro}"]
+        model_cfg, train_cfg = build_configs("debug", extra, 4)
+        trainer = Trainer(model_cfg, train_cfg, tmp_path / micro, data=corpus, progress=False)
+        losses.append([trainer.train_step()["total_loss"] for _ in range(4)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -14,9 +14,21 @@ from dsv3.inference import LLM, SamplingParams
 transformers = pytest.importorskip("transformers")
 
 NEW = 16
-PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [200, 2, 2, 9, 40, 1, 77, 3]]
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
+PROMPTS = [
+    [5, 6, 7, 8, 9],
+    [3, 4],
+    [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+    [200, 2, 2, 9, 40, 1, 77, 3],
+]
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
 @pytest.fixture(scope="module", params=["v3", "v3_yarn"])
@@ -41,8 +53,14 @@ def models(request, tmp_path_factory):
 
 def hf_greedy(hf, prompt):
     ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)  # fmt: skip
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -63,7 +81,9 @@ def test_greedy_ids_equal_transformers_batched_unequal_lengths(models):
     mask = torch.zeros_like(ids)
     for i, p in enumerate(PROMPTS):
         ids[i, P - len(p) :], mask[i, P - len(p) :] = torch.tensor(p), 1
-    out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert out[:, P:].tolist() == refs
     for batch in (4, 3):  # all at once, and with a request joining when another leaves
         llm = LLM(model, max_batch_size=batch, max_seq_len=64)

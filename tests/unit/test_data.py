@@ -97,7 +97,9 @@ def test_fim_psm_form():
     out = fim_permute(doc, rng, 1.0, (FB, FH, FE), BOS, EOS)
     # [BOS] <fim_begin> prefix <fim_hole> suffix <fim_end> middle [EOS], cut back to the window length
     assert len(out) == len(doc) and out[0] == BOS and out[1] == FB
-    full = fim_permute(np.concatenate([doc, [20, 21, 22]]), np.random.default_rng(0), 1.0, (FB, FH, FE), BOS, EOS)
+    full = fim_permute(
+        np.concatenate([doc, [20, 21, 22]]), np.random.default_rng(0), 1.0, (FB, FH, FE), BOS, EOS
+    )
     body = list(full[: len(doc) + 3])
     h, e = body.index(FH), body.index(FE)
     prefix, suffix, middle = body[2:h], body[h + 1 : e], body[e + 1 : -1]

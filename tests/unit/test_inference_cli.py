@@ -25,7 +25,17 @@ def ckpt(tmp_path_factory):
 
 
 def test_generate_streams_prompt_and_continuation(ckpt, capsys):
-    args = ["generate", "--checkpoint", str(ckpt), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]
     assert main(args) == 0
     out, err = capsys.readouterr()
     llm = LLM(ckpt, dtype="float32")

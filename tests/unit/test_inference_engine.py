@@ -69,7 +69,10 @@ def test_absorbed_decode_equals_full_reforward_with_continuous_batching(model):
     assert [len(o.token_ids) for o in outs] == [9, 4, 7, 12, 5]
     assert max(len(ids) for ids, _, _ in records) == 2
     with torch.no_grad():
-        full = {str(i): model(torch.tensor([p + o.token_ids[:-1]])).logits[0] for i, (p, o) in enumerate(zip(PROMPTS, outs))}
+        full = {
+            str(i): model(torch.tensor([p + o.token_ids[:-1]])).logits[0]
+            for i, (p, o) in enumerate(zip(PROMPTS, outs))
+        }
     checked = 0
     for ids, starts, logits in records:
         for rid, pos, row in zip(ids, starts, logits):
@@ -86,14 +89,22 @@ def test_batched_equals_one_at_a_time(model):
     single = run_all(Engine(model, max_batch_size=1, max_seq_len=64), PROMPTS, GREEDY)
     assert [o.token_ids for o in batched] == [o.token_ids for o in single]
     for o in batched:
-        assert o.finish_reason == "length" and o.time_to_first_token > 0 and o.total_time >= o.time_to_first_token
+        assert (
+            o.finish_reason == "length"
+            and o.time_to_first_token > 0
+            and o.total_time >= o.time_to_first_token
+        )
 
 
 def test_seed_gives_same_output_whatever_the_batch(model):
     p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = run_all(Engine(model, max_batch_size=4, max_seq_len=64), [PROMPTS[1]], p)[0].token_ids
     others = [SamplingParams(max_new_tokens=5, temperature=0.8, seed=9, ignore_eos=True), GREEDY, p, GREEDY]
-    mixed = run_all(Engine(model, max_batch_size=3, max_seq_len=64), [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]], others)
+    mixed = run_all(
+        Engine(model, max_batch_size=3, max_seq_len=64),
+        [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]],
+        others,
+    )
     assert mixed[2].token_ids == alone
     unseeded = SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)
     a, b = run_all(Engine(model, max_seq_len=64), [PROMPTS[1]] * 2, unseeded)
@@ -131,7 +142,10 @@ def test_eos_and_cache_length_limits(model):
     eos_engine = Engine(model, max_seq_len=16)
     eos_engine.eos_ids = frozenset({ref.token_ids[2]})
     o = run_all(eos_engine, [PROMPTS[1]], SamplingParams(max_new_tokens=20, temperature=0))[0]
-    assert o.finish_reason == "stop" and o.token_ids == ref.token_ids[: ref.token_ids.index(ref.token_ids[2]) + 1]
+    assert (
+        o.finish_reason == "stop"
+        and o.token_ids == ref.token_ids[: ref.token_ids.index(ref.token_ids[2]) + 1]
+    )
 
 
 @pytest.mark.parametrize(
@@ -193,7 +207,9 @@ def test_abort_frees_the_slot(model):
 def test_cache_bytes_per_token(model):
     cfg = model.config
     engine = Engine(model, max_seq_len=32)
-    expected = (cfg.num_hidden_layers + cfg.num_nextn_predict_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    expected = (
+        (cfg.num_hidden_layers + cfg.num_nextn_predict_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    )
     assert engine.kv_cache_bytes_per_token == expected
     assert engine.cache.c.shape == (3, 8, 32, cfg.kv_lora_rank)
 
@@ -205,7 +221,11 @@ def test_speculative_with_real_mtp_is_lossless(model):
     spec = llm.generate(PROMPTS, GREEDY, speculative=True)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     stats = llm.last_spec_stats
-    assert stats.drafted > 0 and 0 <= stats.acceptance <= 1 and stats.tokens == sum(len(o.token_ids) for o in spec)
+    assert (
+        stats.drafted > 0
+        and 0 <= stats.acceptance <= 1
+        and stats.tokens == sum(len(o.token_ids) for o in spec)
+    )
     assert all(o.spec is not None and o.tokens_per_forward >= 1 for o in spec)
 
 
@@ -227,10 +247,10 @@ def oracle_drafts(engine, refs, wrong_every):
         rows = [engine.running[slot + b].out.request_id for b in range(n)]
         return logits_for([[guess(r, int(pre.lengths[b]) + 1)] for b, r in enumerate(rows)])
 
-    def mtp_decode(hidden, next_tokens, starts):
+    def mtp_decode(hidden, next_tokens, starts, last):
         n, S = next_tokens.shape
         rows = [r.out.request_id for r in engine.running[:n]]
-        return logits_for([[guess(r, int(starts[b]) + s + 2) for s in range(S)] for b, r in enumerate(rows)])
+        return logits_for([guess(r, int(starts[b]) + int(last[b]) + 2) for b, r in enumerate(rows)])
 
     engine.runner.mtp_prefill, engine.runner.mtp_decode = mtp_prefill, mtp_decode
 
@@ -266,3 +286,51 @@ def test_speculative_needs_mtp(model):
     cfg = model.config.replace(num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="MTP"):
         Engine(Transformer(cfg), speculative=True)
+
+
+def test_mtp_drafts_equal_training_forward_mtp_logits(model):
+    """The MTP cache layer is right: every draft (prefill and decode, after accepts and rejects) equals
+    the MTP logits of one training-style forward over the final sequence at that position."""
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, speculative=True)
+    records = []
+    mtp_prefill, mtp_decode = engine.runner.mtp_prefill, engine.runner.mtp_decode
+
+    def rec_prefill(slot, pre, next_tokens):
+        out = mtp_prefill(slot, pre, next_tokens)
+        for b in range(pre.ids.shape[0]):
+            records.append((engine.running[slot + b].out.request_id, int(pre.lengths[b]) - 1, out[b, 0]))
+        return out
+
+    def rec_decode(hidden, next_tokens, starts, last):
+        out = mtp_decode(hidden, next_tokens, starts, last)
+        for b in range(next_tokens.shape[0]):
+            records.append((engine.running[b].out.request_id, int(starts[b] + last[b]), out[b]))
+        return out
+
+    engine.runner.mtp_prefill, engine.runner.mtp_decode = rec_prefill, rec_decode
+    outs = run_all(
+        engine, PROMPTS[:3], SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
+    )
+    with torch.no_grad():
+        full = {
+            str(i): model(torch.tensor([p + o.token_ids]), with_mtp=True).mtp_logits[0][0]
+            for i, (p, o) in enumerate(zip(PROMPTS, outs))
+        }
+    assert len(records) >= 3
+    for rid, pos, logits in records:
+        torch.testing.assert_close(logits, full[rid][pos], rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_model_decodes_consistently():
+    """With FP8 GEMMs (emulated on CPU) the engine's absorbed decode still reproduces the FP8 model's
+    own full forward, greedy token for greedy token."""
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig.from_preset("debug")).eval()
+    llm = LLM(model, max_seq_len=32, fp8=True)
+    assert type(model.layers[0].attn.wkv_b).__name__ == "FP8Linear"
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]
+    seq = list(PROMPTS[1])
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert out.token_ids == seq[len(PROMPTS[1]) :]

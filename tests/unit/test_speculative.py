@@ -75,14 +75,21 @@ def test_greedy_is_lossless(mode, k):
     else:
         assert 0 < stats.acceptance < 1
         assert 1 < stats.tokens_per_forward < k + 1
-    assert stats.per_position[0] == stats.accepted if k == 1 else stats.per_position[0] >= stats.per_position[1]
+    assert (
+        stats.per_position[0] == stats.accepted if k == 1 else stats.per_position[0] >= stats.per_position[1]
+    )
 
 
 def test_step_commits_and_counts():
     pending = torch.tensor([2, 3])  # 3 is odd: the "sometimes" draft is wrong after it
     draft = make_draft(1, "sometimes")
-    step = speculative_step(target, draft, pending, draft(pending[:, None], torch.ones(2, dtype=torch.long)),
-                            [SamplingParams(temperature=0)] * 2)
+    step = speculative_step(
+        target,
+        draft,
+        pending,
+        draft(pending[:, None], torch.ones(2, dtype=torch.long)),
+        [SamplingParams(temperature=0)] * 2,
+    )
     assert step.num_accepted.tolist() == [1, 0]
     assert step.num_committed.tolist() == [2, 1]
     assert step.tokens[0].tolist() == [int(nxt(torch.tensor(2))), int(nxt(nxt(torch.tensor(2))))]
@@ -125,8 +132,18 @@ def test_identical_draft_is_always_accepted_when_sampling():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="max_new_tokens"):
-        speculative_generate(target, make_draft(1, "always"), torch.tensor([1]), torch.zeros(1, 1, V),
-                             [SamplingParams(temperature=0)], max_new_tokens=0)
+        speculative_generate(
+            target,
+            make_draft(1, "always"),
+            torch.tensor([1]),
+            torch.zeros(1, 1, V),
+            [SamplingParams(temperature=0)],
+            max_new_tokens=0,
+        )
     with pytest.raises(ValueError, match="shape"):
-        accept(torch.zeros(2, 3, V), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, V),
-               [SamplingParams(temperature=0)] * 2)
+        accept(
+            torch.zeros(2, 3, V),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.zeros(2, 1, V),
+            [SamplingParams(temperature=0)] * 2,
+        )

@@ -9,7 +9,12 @@ from dsv3.train import checkpoint as ckpt
 
 def _save(root, step, keep=3):
     model = {"w": torch.full((4, 4), float(step)), "b": torch.arange(3.0)}
-    state = {"step": step, "opt": {"m": torch.ones(2) * step}, "rng": torch.get_rng_state(), "cfg": {"x": [1, None]}}
+    state = {
+        "step": step,
+        "opt": {"m": torch.ones(2) * step},
+        "rng": torch.get_rng_state(),
+        "cfg": {"x": [1, None]},
+    }
     return ckpt.save_checkpoint(root, step, model, state, keep=keep)
 
 

@@ -9,7 +9,9 @@ from dsv3.train.cli import build_configs
 
 
 def test_overrides_reach_model_and_train():
-    m, t = build_configs("debug", ["lr=1e-3", "model.hidden_size=32", "n_routed_experts=16", "fim_rate=0"], steps=7)
+    m, t = build_configs(
+        "debug", ["lr=1e-3", "model.hidden_size=32", "n_routed_experts=16", "fim_rate=0"], steps=7
+    )
     assert (t.lr, t.steps, t.fim_rate) == (1e-3, 7, 0.0)
     assert (m.hidden_size, m.n_routed_experts) == (32, 16)
     _, t = build_configs("debug", ["balance_alpha=0.01", "moments_dtype=bfloat16", "compile=true"])

@@ -23,7 +23,9 @@ def _run(opt_factory, steps=5):
 
 def test_matches_torch_adamw():
     ours, _ = _run(lambda m: AdamW(param_groups(m, 0.1), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1))
-    ref, _ = _run(lambda m: torch.optim.AdamW(param_groups(m, 0.1), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1))
+    ref, _ = _run(
+        lambda m: torch.optim.AdamW(param_groups(m, 0.1), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    )
     for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 

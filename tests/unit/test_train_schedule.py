@@ -16,7 +16,9 @@ def test_lr_shape_follows_the_paper():
     assert lrs[0] == pytest.approx(2.2e-4 / 200)  # linear warmup over 2% of the run
     assert lrs[99] == pytest.approx(2.2e-4 / 2)
     assert all(lr == pytest.approx(2.2e-4) for lr in lrs[200:6760])  # constant to 10T/14.8T
-    assert lrs[6760 + (9660 - 6760) // 2] == pytest.approx(2.2e-4 * (0.1 + 0.9 * 0.5), rel=1e-3)  # cosine midpoint
+    assert lrs[6760 + (9660 - 6760) // 2] == pytest.approx(
+        2.2e-4 * (0.1 + 0.9 * 0.5), rel=1e-3
+    )  # cosine midpoint
     assert all(a >= b for a, b in zip(lrs[6760:9660], lrs[6761:9661]))  # monotone decay
     assert all(lr == pytest.approx(2.2e-5) for lr in lrs[9660:9887])  # 0.1x tail
     assert all(lr == pytest.approx(7.3e-6, rel=1e-2) for lr in lrs[9887:])  # the last 167B

@@ -130,7 +130,9 @@ class CacheView:
         starts = starts.to(dev)
         self.length = int(starts.max()) + num_new
         if self.length > cache.max_seq_len:
-            raise ValueError(f"position {self.length - 1} is past the cache's max_seq_len={cache.max_seq_len}")
+            raise ValueError(
+                f"position {self.length - 1} is past the cache's max_seq_len={cache.max_seq_len}"
+            )
         pos = starts[:, None] + torch.arange(num_new, device=dev)[None, :]  # [n, S]
         self._rows = torch.arange(slot, slot + n, device=dev).repeat_interleave(num_new)
         self._pos = pos.reshape(-1)

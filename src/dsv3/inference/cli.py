@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    parser.add_argument("--interactive", action="store_true", help="chat-like loop: each stdin line is a turn")
+    parser.add_argument(
+        "--interactive", action="store_true", help="chat-like loop: each stdin line is a turn"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -44,7 +46,9 @@ def _params(args: argparse.Namespace) -> SamplingParams:
     ).validate()
 
 
-def stream(engine: Engine, request_id: str, prompt: str, params: SamplingParams, out: TextIO) -> RequestOutput:
+def stream(
+    engine: Engine, request_id: str, prompt: str, params: SamplingParams, out: TextIO
+) -> RequestOutput:
     """Run one request to completion, writing its text to `out` as it arrives."""
     result = engine.add_request(request_id, prompt, params)
     out.write(prompt)
@@ -64,7 +68,9 @@ def _report(outs: list[RequestOutput], err: TextIO) -> None:
         line = f"[{o.request_id}] {n} tokens, {n / total if total else 0:.1f} tok/s, ttft {ttft * 1e3:.1f} ms"
         line += f", finish: {o.finish_reason}"
         if o.spec is not None:
-            line += f", MTP acceptance {o.spec.acceptance:.2f}, {o.spec.tokens_per_forward:.2f} tokens/forward"
+            line += (
+                f", MTP acceptance {o.spec.acceptance:.2f}, {o.spec.tokens_per_forward:.2f} tokens/forward"
+            )
         print(line, file=err)
 
 
@@ -77,7 +83,9 @@ def _interactive(engine: Engine, args: argparse.Namespace, inp: TextIO, out: Tex
     history: list[int] = []
     budget = engine.max_seq_len - 1 - params.max_new_tokens - len(head)
     if budget < 1:
-        raise ValueError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in max_seq_len")
+        raise ValueError(
+            f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in max_seq_len"
+        )
     print("dsv3 interactive: type a line, /reset to clear the context, /quit (or EOF) to leave", file=err)
     turn = 0
     while True:
@@ -113,7 +121,9 @@ def run(args: argparse.Namespace, inp: TextIO | None = None, out: TextIO | None 
     params = _params(args)
     if not args.prompt and not args.interactive:
         raise ValueError("give --prompt TEXT (repeatable) or --interactive")
-    llm = LLM(args.checkpoint, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    llm = LLM(
+        args.checkpoint, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len
+    )
     if llm.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json: text prompts need one")
     engine = llm.engine

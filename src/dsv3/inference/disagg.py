@@ -98,6 +98,7 @@ class DisaggEngine:
         worker_threads: int | None = None,
         start_timeout: float = 120.0,
         poll_timeout: float = 0.01,
+        start_method: str | None = None,
     ):
         for name, v in (("prefill_workers", prefill_workers), ("decode_workers", decode_workers)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -153,15 +154,19 @@ class DisaggEngine:
             **spec_kw,
         )
         self.workers: list[_Worker] = []
+        if start_method is None:  # a fork server imports torch once, then forks each worker from it
+            start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         try:
-            self._start(spec, prefill_workers, decode_workers, start_timeout)
+            self._start(spec, prefill_workers, decode_workers, start_timeout, start_method)
         except BaseException:
             self.close(timeout=2.0)
             raise
 
     # ------------------------------------------------------------------ processes
-    def _start(self, spec: WorkerSpec, n_prefill: int, n_decode: int, timeout: float) -> None:
-        ctx = mp.get_context("spawn")
+    def _start(self, spec: WorkerSpec, n_prefill: int, n_decode: int, timeout: float, method: str) -> None:
+        ctx = mp.get_context(method)
+        if method == "forkserver":  # takes effect if this process has not started its fork server yet
+            ctx.set_forkserver_preload(["dsv3.inference.disagg_worker"])
         roles = ["prefill"] * n_prefill + ["decode"] * n_decode
         for i, role in enumerate(roles):
             index = i if role == "prefill" else i - n_prefill

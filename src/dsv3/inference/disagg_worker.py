@@ -75,12 +75,11 @@ class WorkerSpec:
         if self.config is None or self.state_dict is None:
             raise ValueError("a worker needs a model path or a config and a state dict")
         from dsv3.inference.llm import cast_model
-        from dsv3.model.rope import rope_inv_freq
 
-        with torch.device("meta"):  # no random init: the weights are the shipped (shared) tensors
-            model = Transformer(self.config)
+        # Built on the CPU, not on the meta device: the meta path imports torch's reference ops (seconds).
+        # The random init is then replaced by the shipped tensors themselves (shared memory, no copy).
+        model = Transformer(self.config)
         model.load_state_dict(self.state_dict, assign=True, strict=True)
-        model.inv_freq = rope_inv_freq(self.config)[0]  # non-persistent buffer, fp32
         if self.dtype is not None and model.embed.weight.dtype != self.dtype:
             cast_model(model, self.dtype)
         return model.eval()
@@ -289,8 +288,11 @@ def worker_main(role: str, spec: WorkerSpec, inbox: Any, conn: Connection) -> No
         conn.send(("ready", os.getpid(), time.perf_counter() - t0))
         (prefill_loop if role == "prefill" else decode_loop)(engine, inbox, conn)
     except (BrokenPipeError, EOFError, KeyboardInterrupt, SystemExit):
-        return  # the front end went away
+        pass  # the front end went away
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send(("fatal", traceback.format_exc(limit=8)))
         raise
+    # Skip interpreter teardown (seconds with torch loaded): replies went out synchronously over the pipe
+    # and nothing else is left to flush.
+    os._exit(0)

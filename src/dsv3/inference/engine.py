@@ -123,7 +123,9 @@ class Engine:
         self.spec_stats = SpecStats(per_position=[0])
         self._speculative = False
         self.speculative = speculative
-        self._rng = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1)
+        self._rng = torch.Generator().manual_seed(
+            seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1
+        )
         self.eos_ids = frozenset(
             i for i in (cfg.eos_token_id, getattr(tokenizer, "eos_id", None)) if isinstance(i, int) and i >= 0
         )
@@ -139,7 +141,9 @@ class Engine:
         if on == self._speculative:
             return
         if on and not self.runner.has_mtp:
-            raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+            raise ValueError(
+                "speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)"
+            )
         if self.has_unfinished():
             raise ValueError("cannot switch speculative decoding on or off while requests are in flight")
         self._speculative = on
@@ -185,7 +189,11 @@ class Engine:
         ids = self.encode(prompt)
         gen = None
         if not params.greedy:
-            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+            seed = (
+                params.seed
+                if params.seed is not None
+                else int(torch.randint(2**62, (1,), generator=self._rng))
+            )
             gen = torch.Generator().manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         out = RequestOutput(
@@ -293,9 +301,7 @@ class Engine:
             return logits
 
         def draft(tokens: torch.Tensor, n_commit: torch.Tensor) -> torch.Tensor:
-            logits = self.runner.mtp_decode(hidden[0], tokens, starts)  # [n, S, V]
-            last = (n_commit - 1).to(logits.device)
-            return logits[torch.arange(n, device=logits.device), last].unsqueeze(1)
+            return self.runner.mtp_decode(hidden[0], tokens, starts, n_commit - 1).unsqueeze(1)
 
         step = speculative_step(
             target, draft, pending, draft_logits, [r.params for r in reqs], [r.generator for r in reqs]

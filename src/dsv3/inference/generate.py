@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3.inference.cache import LatentKVCache
+from dsv3.inference.cache import CacheView, LatentKVCache
 from dsv3.model import Transformer
 
 
@@ -34,12 +34,15 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = model.embed.weight.device
+        # inference_mode is the cheapest no-autograd mode, but FP8 modules key their caches on tensor
+        # version counters, which inference tensors lack: those run under no_grad
+        fp8 = any(hasattr(m, "fp8_config") for m in model.modules())
+        self.no_grad = torch.no_grad if fp8 else torch.inference_mode
 
     @property
     def has_mtp(self) -> bool:
         return len(self.model.mtp) > 0
 
-    @torch.inference_mode()
     def prefill(self, slot: int, prompts: list[list[int]]) -> PrefillResult:
         """Write the prompts into slots slot.. (positions 0..len-1) and return their last logits."""
         n = len(prompts)
@@ -49,13 +52,13 @@ class ModelRunner:
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         view = self.cache.prefill_view(slot, n, P)
-        out = self.model(ids, cache=view, with_mtp=False)
-        last = out.logits[torch.arange(n, device=self.device), lengths - 1]
+        with self.no_grad():
+            out = self.model(ids, cache=view, with_mtp=False)
+            last = out.logits[torch.arange(n, device=self.device), lengths - 1]
         for b, p in enumerate(prompts):
             self.cache.lengths[slot + b] = len(p)
         return PrefillResult(last.float(), out.hidden, ids, lengths)
 
-    @torch.inference_mode()
     def mtp_prefill(self, slot: int, pre: PrefillResult, next_tokens: torch.Tensor) -> torch.Tensor:
         """Fill the MTP cache layer over the prompts; next_tokens [n] are the tokens sampled after them.
 
@@ -67,10 +70,8 @@ class ModelRunner:
         nxt[rows, pre.lengths - 1] = next_tokens.to(self.device)
         positions = torch.arange(P, device=self.device).expand(n, P)
         view = self.cache.prefill_view(slot, n, P)
-        logits, _ = self.model.mtp_step(1, pre.hidden, nxt, positions, view)
-        return logits[rows, pre.lengths - 1].float().unsqueeze(1)
+        return self._mtp(pre.hidden, nxt, positions, view, pre.lengths - 1).unsqueeze(1)
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [n, S] for slots 0..n-1 at positions starts[b] + s -> (logits [n, S, V] fp32, hidden).
 
@@ -79,17 +80,37 @@ class ModelRunner:
         starts = starts.to(self.device)
         view = self.cache.decode_view(n, starts, S)
         positions = starts[:, None] + torch.arange(S, device=self.device)[None, :]
-        out = self.model(tokens.to(self.device), positions=positions, cache=view, with_mtp=False)
-        return out.logits.float(), out.hidden
+        with self.no_grad():
+            out = self.model(tokens.to(self.device), positions=positions, cache=view, with_mtp=False)
+            return out.logits.float(), out.hidden
 
-    @torch.inference_mode()
-    def mtp_decode(self, hidden: torch.Tensor, next_tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    def mtp_decode(
+        self, hidden: torch.Tensor, next_tokens: torch.Tensor, starts: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
         """MTP over the positions just decoded: hidden [n, S, D] (h_i), next_tokens [n, S] (t_{i+1}).
 
-        Returns MTP logits [n, S, V] fp32 (the prediction of t_{i+2} at each position)."""
+        All S positions enter the MTP cache layer; only position last[b] of row b (its last committed
+        token) goes through the head: returns draft logits [n, V] fp32 for the token after it."""
         n, S = next_tokens.shape
         starts = starts.to(self.device)
         view = self.cache.decode_view(n, starts, S)
         positions = starts[:, None] + torch.arange(S, device=self.device)[None, :]
-        logits, _ = self.model.mtp_step(1, hidden, next_tokens.to(self.device), positions, view)
-        return logits.float()
+        return self._mtp(hidden, next_tokens.to(self.device), positions, view, last.to(self.device))
+
+    def _mtp(
+        self,
+        h: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        view: CacheView,
+        last: torch.Tensor,
+    ) -> torch.Tensor:
+        """`Transformer.mtp_step` at depth 1 with the head applied at one position per row only."""
+        model = self.model
+        module = model.mtp[0]
+        with self.no_grad():
+            emb = model.embed(next_ids)
+            cos, sin = model.rope(positions, emb.dtype)
+            h, _ = module(h, emb, cos, sin, view)
+            h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [n, D]
+            return model.head(module.norm(h_last)).float()

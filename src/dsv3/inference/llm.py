@@ -5,8 +5,10 @@
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].time_to_first_token
 
 A path is an HF model directory or a run directory (its model/ subdirectory), loaded with
-`dsv3.checkpoint.from_pretrained` (FP8 checkpoints are dequantised there). A Transformer instance is
-used as it is (cast in place when a dtype is given). The tokenizer comes from the directory's
+`dsv3.checkpoint.from_pretrained` (FP8 checkpoints are dequantised there) in fp32 on a CPU, bf16 on a
+GPU unless `dtype` says otherwise. A Transformer instance is used as it is (moved / cast in place when a
+device / dtype is given). `fp8=True` (or an FP8Config) swaps the projections for dsv3.fp8's FP8 GEMMs:
+Triton kernels on an FP8-capable GPU, an emulation elsewhere. The tokenizer comes from the directory's
 tokenizer.json; prompts given as token ids need none.
 """
 
@@ -92,24 +94,37 @@ class LLM:
         max_seq_len: int | None = None,
         tokenizer: Any = None,
         seed: int | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
+        fp8: Any = None,
     ):
         dt = parse_dtype(dtype)
         if isinstance(model, Transformer):
+            if device is not None and model.embed.weight.device != torch.device(device):
+                model.to(device)
             if dt is not None and model.embed.weight.dtype != dt:
                 cast_model(model, dt)
         elif isinstance(model, str | Path):
             from dsv3.checkpoint import from_pretrained, resolve_model_dir
 
+            device = torch.device(device or "cpu")
+            if dt is None:  # bf16 GEMMs pay off on GPUs; on a CPU small decode GEMMs run faster in fp32
+                dt = torch.bfloat16 if device.type == "cuda" else torch.float32
             model_dir = resolve_model_dir(model)
-            model = from_pretrained(model_dir, dtype=dt or torch.bfloat16, device=device)
+            model = from_pretrained(model_dir, dtype=dt, device=device)
             if tokenizer is None:
                 tokenizer = load_tokenizer(model_dir)
         else:
             raise ValueError(f"LLM expects a path or a dsv3 Transformer, got {type(model).__name__}")
+        if fp8 is not None and fp8 is not False:
+            from dsv3.fp8 import convert_to_fp8
+
+            # FP8 GEMMs for every projection but the head (Triton kernels on an FP8 GPU, emulated elsewhere)
+            convert_to_fp8(model, None if fp8 is True else fp8)
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed)
+        self.engine = Engine(
+            model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed
+        )
         self._ids = itertools.count()
         self.last_spec_stats: SpecStats | None = None
 

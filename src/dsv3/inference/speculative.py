@@ -95,12 +95,16 @@ def _pick(gens: Generators, rows: list[int]) -> Generators:
 
 def draft_tokens(
     draft_logits: torch.Tensor, params: Sequence[SamplingParams], generators: Generators = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """draft logits [B, k, V] -> (draft tokens [B, k], draft distributions q [B, k, V] float32)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """draft logits [B, k, V] -> (draft tokens [B, k], draft distributions q [B, k, V] float32).
+
+    q is None when every row is greedy (the acceptance rule then compares tokens only)."""
     B, k, V = draft_logits.shape
+    _, sampled = _row_split(params)
+    if not sampled:
+        return draft_logits.argmax(dim=-1), None
     q = torch.stack([probs_from_logits(draft_logits[:, j], params) for j in range(k)], dim=1)
     d = q.argmax(dim=-1)  # exact for greedy rows (one-hot q)
-    _, sampled = _row_split(params)
     if sampled:
         idx = torch.tensor(sampled, device=d.device)
         gens = _pick(generators, sampled)
@@ -112,15 +116,15 @@ def draft_tokens(
 def accept(
     target_logits: torch.Tensor,
     drafts: torch.Tensor,
-    q: torch.Tensor,
+    q: torch.Tensor | None,
     params: Sequence[SamplingParams],
     generators: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The acceptance rule. target_logits [B, 1+k, V], drafts [B, k], q [B, k, V] ->
-    (tokens [B, 1+k], num_accepted [B]); row b commits tokens[b, :num_accepted[b] + 1]."""
+    """The acceptance rule. target_logits [B, 1+k, V], drafts [B, k], q [B, k, V] (None if all rows are
+    greedy) -> (tokens [B, 1+k], num_accepted [B]); row b commits tokens[b, :num_accepted[b] + 1]."""
     B, k1, V = target_logits.shape
     k = k1 - 1
-    if drafts.shape != (B, k) or q.shape != (B, k, V):
+    if drafts.shape != (B, k) or (q is not None and q.shape != (B, k, V)):
         raise ValueError(f"shape mismatch: target {tuple(target_logits.shape)}, drafts {tuple(drafts.shape)}")
     tokens = target_logits.float().argmax(dim=-1)  # greedy rows: the target's own choices
     match = (drafts == tokens[:, :k]).long()
@@ -128,6 +132,8 @@ def accept(
     greedy, sampled = _row_split(params)
     if not sampled:
         return tokens, n_acc
+    if q is None:
+        raise ValueError("sampled rows need the draft distributions q")
     idx = torch.tensor(sampled, device=tokens.device)
     gens = _pick(generators, sampled)
     sub_params = [params[i] for i in sampled]

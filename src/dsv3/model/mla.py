@@ -148,9 +148,8 @@ class MLA(nn.Module):
         q_lat = torch.bmm(q_nope.reshape(B * S, H, Dn).transpose(0, 1), w_uk)  # [H, B*S, C]
         q_lat = q_lat.transpose(0, 1).reshape(B, S * H, C)
         # scores[b, (s,h), t] = q_lat . c_t + q_pe . pe_t
-        scores = torch.baddbmm(
-            torch.bmm(q_pe.reshape(B, S * H, self.qk_rope_head_dim), pe.transpose(1, 2)), q_lat, c.transpose(1, 2)
-        )
+        scores = torch.bmm(q_pe.reshape(B, S * H, self.qk_rope_head_dim), pe.transpose(1, 2))
+        scores = torch.baddbmm(scores, q_lat, c.transpose(1, 2))
         scores = scores.view(B, S, H, T).float() * self.softmax_scale
         if mask is None:
             mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)

@@ -116,6 +116,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat(out)
 
 
+def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64) from flat expert indices: bincount with a static output shape
+    (scatter_add), so torch.compile traces the MoE without a graph break."""
+    ones = torch.ones_like(flat)
+    return torch.zeros(n_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, ones)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: w1, w3 [E, I, D] (gate, up), w2 [E, D, I] (down)."""
 
@@ -153,9 +160,9 @@ class GroupedExperts(nn.Module):
         N, K = indices.shape
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = expert_counts(flat, self.n_experts)
         token = order // K
-        out = self.forward_sorted(x[token], counts)
+        out = self.forward_sorted(x.index_select(0, token), counts)  # backward: index_add, not index_put
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
@@ -197,7 +204,7 @@ class MoE(nn.Module):
         y = self.experts(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        counts = torch.bincount(indices.reshape(-1), minlength=self.n_routed_experts).float()
+        counts = expert_counts(indices.reshape(-1), self.n_routed_experts).float()
         if torch.is_grad_enabled():
             seq, aux = balance_losses(scores, indices, B)
         else:

@@ -13,8 +13,8 @@ scales' bytes go in one uint8 row (gloo does not move float8 dtypes): D + 4 * ce
 token instead of 2 D (BF16) or 4 D (FP32). The relative error of a value is then at most 2^-4 (E4M3 has
 3 mantissa bits: half an ulp is 2^-4 of the power of two below the value) unless it falls below the
 E4M3 normal range of its tile (|x| < scale * 2^-6), where the absolute error is at most scale * 2^-10.
-Backward of the FP8 dispatch is straight-through (the quantiser is treated as identity) and carries
-the gradient in `grad_dtype` (BF16 when the combine is BF16).
+The backward of an FP8 dispatch is straight-through (the quantiser is treated as identity) and sends
+the gradient in BF16 when the combine is BF16, else in the activations' dtype (expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -126,49 +126,3 @@ def dequantize_rows_fp8(packed: torch.Tensor, dim: int, dtype: torch.dtype) -> t
     scale = packed[:, dim:].contiguous().view(torch.float32).view(N, nt)
     s = scale.repeat_interleave(TILE, dim=1)[:, :dim]
     return (q * s).to(dtype)
-
-
-class _FP8Unpack(torch.autograd.Function):
-    """Dequantise received FP8 rows; the gradient goes back to the sender through the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, packed, out_splits, in_splits, group, grad_dtype):  # type: ignore[override]
-        ctx.splits = (out_splits, in_splits)
-        ctx.group = group
-        ctx.dtype = x.dtype
-        ctx.grad_dtype = grad_dtype
-        return dequantize_rows_fp8(packed, x.shape[1], x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        out_splits, in_splits = ctx.splits
-        send = grad.to(ctx.grad_dtype or ctx.dtype)
-        g = _exchange(send, in_splits, out_splits, ctx.group, None).to(ctx.dtype)
-        return g, None, None, None, None, None
-
-
-class FP8Dispatch:
-    """Two-phase FP8 all-to-all: `start` sends packed bytes (optionally async), `finish` dequantises.
-
-    Autograd: the dequantised output is connected to x through `_FP8Unpack`, whose backward sends the
-    gradient back (straight-through estimator for the quantiser)."""
-
-    def __init__(
-        self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, grad_dtype=None
-    ):
-        self.x, self.out_splits, self.in_splits = x, list(out_splits), list(in_splits)
-        self.group, self.grad_dtype = group, grad_dtype
-        self.packed: torch.Tensor | None = None
-
-    def start(self, pending: Pending | None = None) -> FP8Dispatch:
-        self.packed = _exchange(
-            quantize_rows_fp8(self.x), self.out_splits, self.in_splits, self.group, pending
-        )
-        return self
-
-    def finish(self) -> torch.Tensor:
-        if self.packed is None:
-            raise RuntimeError("FP8Dispatch.finish() before start()")
-        return _FP8Unpack.apply(
-            self.x, self.packed, self.out_splits, self.in_splits, self.group, self.grad_dtype
-        )

@@ -232,7 +232,8 @@ class DataParallel:
     # ------------------------------------------------------------------ helpers
     def mean(self, value: torch.Tensor | float) -> float:
         """Average a per-rank scalar (e.g. the local loss) over the data-parallel ranks."""
-        t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).clone()
+        device = next(self.model.parameters()).device  # NCCL reduces device tensors only
+        t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).to(device, copy=True)
         if group_size(self.mesh.data_group) > 1:
             dist.all_reduce(t, group=self.mesh.data_group)
         return t.item() / self.mesh.data_size

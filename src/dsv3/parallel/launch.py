@@ -173,12 +173,37 @@ def _worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    init_distributed(timeout_s=timeout_s, backend="gloo")
     try:
+        init_distributed(timeout_s=timeout_s, backend="gloo")
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        import traceback
+
+        (Path(out_dir) / f"rank{rank}.err").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _failure_report(out_dir: str, nproc: int, fallback: str) -> str:
+    """Which rank failed first (by the time it wrote its error), with its traceback; then the others."""
+    errs = []
+    for r in range(nproc):
+        f = Path(out_dir) / f"rank{r}.err"
+        if f.is_file():
+            stamp, _, trace = f.read_text().partition("\n")
+            errs.append((float(stamp), r, trace))
+    if not errs:
+        return fallback.strip()
+    errs.sort()
+    _, first, trace = errs[0]
+    msg = f"rank {first} of {nproc} failed first:\n{trace}"
+    for _, r, t in errs[1:]:
+        last = t.strip().splitlines()[-1] if t.strip() else "?"
+        msg += f"\nthen rank {r}: {last}"
+    return msg
 
 
 def run_local(
@@ -190,22 +215,35 @@ def run_local(
     collective_timeout_s: float = 60.0,
     threads: int = 1,
 ) -> list[Any]:
-    """fn(rank, world_size, *args) in nproc spawned processes over gloo; their return values by rank.
+    """fn(rank, world_size, *args) in nproc fresh processes over gloo; their return values by rank.
 
     fn must be importable (a module-level function). A failing rank stops the others at once (the
     spawner's watchdog) and raises; the whole run is killed after timeout_s."""
-    import torch.multiprocessing as mp
+    import multiprocessing
 
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    # a fork server that has imported torch (and run no kernel, so no OpenMP state) starts ranks in
+    # milliseconds instead of re-importing torch in every spawned interpreter
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "torch.distributed", "dsv3.parallel"]
+    )
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(
             _worker,
             args=(fn, nproc, free_port(), args, out, collective_timeout_s, threads),
             nprocs=nproc,
             join=False,
-            start_method="spawn",
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=0.5):
+        while True:
+            try:
+                if ctx.join(timeout=0.5, grace_period=2.0):
+                    break
+            except ProcessException as e:  # the watchdog stopped the other ranks already
+                raise RuntimeError(_failure_report(out, nproc, str(e))) from None
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     if p.is_alive():

@@ -139,7 +139,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: {name} is missing")
         size = f.stat().st_size
         if size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {name} is truncated or padded ({size} bytes, expected {meta['bytes']})")
+            raise CheckpointError(
+                f"{path}: {name} is truncated or padded ({size} bytes, expected {meta['bytes']})"
+            )
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -18,7 +18,9 @@ from typing import Any
 from dsv3.config import ModelConfig, TrainConfig, coerce_value, load_preset
 
 
-def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) -> tuple[ModelConfig, TrainConfig]:
+def apply_overrides(
+    model: ModelConfig, train: TrainConfig, pairs: list[str]
+) -> tuple[ModelConfig, TrainConfig]:
     """Apply `key=value` strings to the two configs; ValueError names a bad key or value."""
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -33,7 +35,13 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) ->
         if scope not in ("", "model", "train"):
             raise ValueError(f"unknown key {key!r}: the prefix must be 'model.' or 'train.'")
         in_model, in_train = name in model_fields, name in train_fields
-        if scope == "model" and not in_model or scope == "train" and not in_train or not (in_model or in_train):
+        if (
+            scope == "model"
+            and not in_model
+            or scope == "train"
+            and not in_train
+            or not (in_model or in_train)
+        ):
             where = {"model": "model", "train": "train"}.get(scope, "model or train")
             raise ValueError(f"unknown key {key!r}: not a {where} setting")
         if not scope and in_model and in_train:
@@ -61,13 +69,21 @@ def build_configs(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model/train preset (default: tiny)")
-    parser.add_argument("--data", default=None, help="a .txt file, a directory of .txt files or a .jsonl file "
-                        "with {\"text\": ...} lines (default: the bundled tinyshakespeare)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        default=None,
+        help='a .txt file, a directory of .txt files or a .jsonl file with {"text": ...} lines '
+        "(default: the bundled tinyshakespeare)",
+    )
     parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="the run's whole length in optimizer steps")
-    parser.add_argument("--stop-at", type=int, default=None, help="end the process after step K with a checkpoint")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="end the process after step K with a checkpoint"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over in a run directory that holds a run"
+    )
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (dsv3.fp8.convert_to_fp8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")

@@ -151,14 +151,14 @@ class ParallelTrainer(Trainer):
     def reduce_counts(self, counts: list[torch.Tensor]) -> list[torch.Tensor]:
         if not counts:
             return counts
-        t = torch.stack(counts).float()
+        t = torch.stack(counts).float().to(self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t, group=self.mesh.data_group)
-        return list(t.unbind(0))
+        return [c.to(counts[0].device) for c in t.unbind(0)]
 
     def reduce_scalar(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.detach().to(torch.float64).clone()
+        t = x.detach().to(self.device, torch.float64, copy=True)
         dist.all_reduce(t, group=self.mesh.data_group)
-        return (t / self.mesh.data_size).to(x.dtype)
+        return (t / self.mesh.data_size).to(x.device, x.dtype)
 
     def reduce_gradients(self, params: list[torch.Tensor]) -> torch.Tensor:
         assert self.dp is not None

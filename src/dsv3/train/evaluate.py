@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from dsv3.model import Transformer
 
 
-def autocast_context(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+def autocast_context(
+    dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> contextlib.AbstractContextManager:
     """BF16 autocast (FP32 master weights) or nothing for FP32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -48,7 +50,9 @@ def evaluate(
             x, y = w[:, :-1], w[:, 1:]
             with autocast_context(dtype, device):
                 logits = model(x, with_mtp=False).logits
-            nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            nats = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+            )
             total_nats += float(nats)
             total_tokens += y.numel()
             total_bytes += int(lengths[y.cpu()].sum())

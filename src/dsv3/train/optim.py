@@ -76,7 +76,9 @@ class AdamW(torch.optim.Optimizer):
             for t, ps in buckets.items():
                 self._update(ps, lr, b1, b2, eps, wd, t)
 
-    def _update(self, ps: list[torch.Tensor], lr: float, b1: float, b2: float, eps: float, wd: float, t: float):
+    def _update(
+        self, ps: list[torch.Tensor], lr: float, b1: float, b2: float, eps: float, wd: float, t: float
+    ):
         grads = [p.grad for p in ps]
         ms = [self.state[p]["exp_avg"] for p in ps]
         vs = [self.state[p]["exp_avg_sq"] for p in ps]

@@ -89,7 +89,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, window: flo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory with metrics.jsonl")
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR/plots)")
-    parser.add_argument("--window", type=float, default=0.1, help="fraction of the last steps for the heatmap")
+    parser.add_argument(
+        "--window", type=float, default=0.1, help="fraction of the last steps for the heatmap"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

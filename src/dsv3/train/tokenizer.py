@@ -34,7 +34,9 @@ _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not valid UTF-8, aft
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = list(bs)
     n = 0
     for b in range(256):
@@ -58,9 +60,11 @@ class Tokenizer:
     # ------------------------------------------------------------ build / load / save
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-        """Learn byte-level BPE merges from `texts` up to `vocab_size` tokens (specials and 256 bytes included)."""
+        """Learn byte-level BPE merges from `texts` up to `vocab_size` tokens (specials and bytes count)."""
         if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
-            raise ValueError(f"vocab_size must be an integer >= {MIN_VOCAB} (256 bytes + specials), got {vocab_size!r}")
+            raise ValueError(
+                f"vocab_size must be an integer >= {MIN_VOCAB} (256 bytes + specials), got {vocab_size!r}"
+            )
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
@@ -90,7 +94,7 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(str(p)))
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (PreTrainedTokenizerFast)."""
+        """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (PreTrainedTokenizerFast)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.encode_special_tokens = False  # the saved file parses specials, as HF tokenizers do

@@ -136,7 +136,8 @@ class Trainer:
         elif has_run:
             if not overwrite:
                 raise ValueError(
-                    f"{self.run_dir} already holds a run: pass --resume to continue it or --overwrite to start over"
+                    f"{self.run_dir} already holds a run: "
+                    "pass --resume to continue it or --overwrite to start over"
                 )
             if self.rank == 0:
                 for sub in ("checkpoints", "model", "tokenizer"):
@@ -165,10 +166,12 @@ class Trainer:
             tok = Tokenizer.train(self._train_docs, self.model_config.vocab_size)
             if self.rank == 0:
                 tok.save(tdir, model_max_length=self.model_config.max_position_embeddings)
-            self.log(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens, trained in {time.perf_counter() - t0:.1f}s")
+            dt = time.perf_counter() - t0
+            self.log(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens, trained in {dt:.1f}s")
         if tok.vocab_size > self.model_config.vocab_size:
             raise ValueError(
-                f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {self.model_config.vocab_size}"
+                f"the tokenizer has {tok.vocab_size} tokens "
+                f"but the model's vocab_size is {self.model_config.vocab_size}"
             )
         return tok
 
@@ -199,7 +202,9 @@ class Trainer:
             try:
                 from dsv3.fp8 import convert_to_fp8
             except ImportError:
-                raise ValueError("--fp8 needs dsv3.fp8.convert_to_fp8, which this build does not have") from None
+                raise ValueError(
+                    "--fp8 needs dsv3.fp8.convert_to_fp8, which this build does not have"
+                ) from None
             model = convert_to_fp8(model) or model
         return model.to(self.device).train()
 
@@ -233,7 +238,9 @@ class Trainer:
         a = self.cfg.balance_alpha
         return self.model_config.aux_loss_alpha if a is None else a
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float) -> tuple[Any, list[torch.Tensor]]:
+    def forward_loss(
+        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float
+    ) -> tuple[Any, list[torch.Tensor]]:
         with autocast_context(self.dtype, self.device):
             out = self.model(x)
             losses = lm_loss(out, y, mtp_weight, self.balance_alpha, self.cfg.balance_loss)
@@ -271,7 +278,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
             what = "loss" if not torch.isfinite(sums).all() else "gradient"
-            return {"type": "skip", "step": self.step, "reason": f"non-finite {what}", "in_a_row": self.bad_in_row}
+            return {
+                "type": "skip",
+                "step": self.step,
+                "reason": f"non-finite {what}",
+                "in_a_row": self.bad_in_row,
+            }
         self.bad_in_row = 0
         clip_grads(params, c.grad_clip, norm)
         set_lr(self.optimizer, lr)
@@ -329,7 +341,11 @@ class Trainer:
         if self.rank != 0:
             return None
         path = ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, self.model.state_dict(), self.train_state(), keep=self.cfg.keep_checkpoints
+            self.ckpt_dir,
+            self.step,
+            self.model.state_dict(),
+            self.train_state(),
+            keep=self.cfg.keep_checkpoints,
         )
         self.export_hf()
         return path
@@ -367,7 +383,9 @@ class Trainer:
             from dsv3.checkpoint import save_pretrained
         except ImportError:
             return None
-        return save_pretrained(self.model, self.run_dir / "model", dtype=torch.float32, tokenizer=self.tokenizer)
+        return save_pretrained(
+            self.model, self.run_dir / "model", dtype=torch.float32, tokenizer=self.tokenizer
+        )
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
@@ -395,7 +413,11 @@ class Trainer:
                     self.log(f"step {self.step}: skipped ({rec['reason']}, {self.bad_in_row} in a row)")
                     if self.bad_in_row >= c.max_bad_steps:
                         last = ckpt.list_checkpoints(self.ckpt_dir)
-                        where = f"the last checkpoint ({last[-1]}) is intact" if last else "no checkpoint was written"
+                        where = (
+                            f"the last checkpoint ({last[-1]}) is intact"
+                            if last
+                            else "no checkpoint was written"
+                        )
                         raise TrainingDiverged(
                             f"stopping at step {self.step}: {self.bad_in_row} non-finite steps in a row "
                             f"(max_bad_steps={c.max_bad_steps}); {where}"
@@ -403,7 +425,9 @@ class Trainer:
                 else:
                     train_time += rec["batch_size"] * c.seq_len / rec["tokens_per_s"]
                     ema = rec["loss"] if ema is None else 0.9 * ema + 0.1 * rec["loss"]
-                    self._bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{self.tokens / max(train_time, 1e-9):.0f}")
+                    self._bar.set_postfix(
+                        loss=f"{ema:.3f}", tok_s=f"{self.tokens / max(train_time, 1e-9):.0f}"
+                    )
                 self._bar.update(1)
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                     ev = self.evaluate(c.eval_batches or None)
@@ -418,7 +442,9 @@ class Trainer:
         summary: dict[str, Any] = {"step": self.step, "steps": c.steps, "tokens": self.tokens}
         summary["train_tokens_per_s"] = self.tokens / train_time if train_time else None
         if self.step < c.steps:
-            self.log(f"stopped after step {self.step} of {c.steps} (checkpoint saved); continue with --resume")
+            self.log(
+                f"stopped after step {self.step} of {c.steps} (checkpoint saved); continue with --resume"
+            )
             return summary
         ev = self.evaluate(None)
         self.metrics.write(ev)
@@ -435,5 +461,10 @@ class Trainer:
 
     def sample(self, prompt: str = "\n") -> str:
         return sample_text(
-            self.model, self.tokenizer, prompt, self.cfg.sample_tokens, self.cfg.sample_temperature, self.cfg.seed
+            self.model,
+            self.tokenizer,
+            prompt,
+            self.cfg.sample_tokens,
+            self.cfg.sample_temperature,
+            self.cfg.seed,
         )

@@ -89,14 +89,19 @@ class PipelineRuntime:
         size = dist.get_world_size(group)
         if size != schedule.num_ranks:
             raise ValueError(
-                f"schedule {schedule.name} runs on {schedule.num_ranks} ranks but the pipeline group has {size}"
+                f"schedule {schedule.name} runs on {schedule.num_ranks} ranks "
+                f"but the pipeline group has {size}"
             )
         mine = schedule.stages_of(self.rank)
         if sorted(stages) != mine:
-            raise ValueError(f"rank {self.rank} must hold stages {mine} for {schedule.name}, got {sorted(stages)}")
+            raise ValueError(
+                f"rank {self.rank} must hold stages {mine} for {schedule.name}, got {sorted(stages)}"
+            )
         for s, st in stages.items():
             if st.index != s or st.num_stages != schedule.num_stages:
-                raise ValueError(f"stage module {st.index}/{st.num_stages} given as stage {s}/{schedule.num_stages}")
+                raise ValueError(
+                    f"stage module {st.index}/{st.num_stages} given as stage {s}/{schedule.num_stages}"
+                )
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         self.schedule = schedule
@@ -133,7 +138,7 @@ class PipelineRuntime:
         return_outputs: bool = False,
         profile: bool = False,
     ) -> StepResult:
-        """One pipeline step over input_ids [B, T] (and labels [B, T]) split into the schedule's micro-batches.
+        """One step over input_ids [B, T] (and labels [B, T]) split into the schedule's micro-batches.
 
         Pass the same batch on every rank of the group. Under torch.no_grad() only forwards run. Gradients
         accumulate into the stages' parameters (scaled by 1/N), replicas not yet summed: call
@@ -213,7 +218,8 @@ class PipelineRuntime:
         spec = stage.input_spec if msg.kind == "act" else stage.output_spec
         bufs = [torch.empty(shape, dtype=dt) for shape, dt in spec(*self._spec_args)]
         ops = [
-            dist.P2POp(dist.irecv, b, group=self.group, group_peer=src, tag=4 * tag + j) for j, b in enumerate(bufs)
+            dist.P2POp(dist.irecv, b, group=self.group, group_peer=src, tag=4 * tag + j)
+            for j, b in enumerate(bufs)
         ]
         return _Inbox(bufs, dist.batch_isend_irecv(ops) if ops else [])
 
@@ -277,7 +283,9 @@ class PipelineRuntime:
             self._outputs[(mb, s)] = out
         self._produced[Message("act", mb, s + 1)] = tuple(t.detach() for t in out)
 
-    def _backward(self, mb: int, s: int, inputs: dict[Message, tuple[torch.Tensor, ...]], split: bool) -> None:
+    def _backward(
+        self, mb: int, s: int, inputs: dict[Message, tuple[torch.Tensor, ...]], split: bool
+    ) -> None:
         stage = self.stages[s]
         N = self.schedule.num_microbatches
         if stage.is_last:
@@ -298,22 +306,16 @@ class PipelineRuntime:
             )
 
 
-def sync_replicated_grads(stages: dict[int, PipelineStage], group: dist.ProcessGroup | None = None) -> int:
-    """Sum the gradients of parameters held by two ranks of the pipeline group (DualPipe's two copies of
-    every stage; the embedding the last stage shares with the first for MTP or tied embeddings).
+def _sum_over_holders(
+    tensors: dict[str, torch.Tensor], group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
+    """name -> the sum of the same-named tensors of the (at most two) ranks holding that name.
 
-    Collective over `group`: every rank calls it with its stages. Each pair of ranks exchanges one flat
-    buffer and both sides compute mine + theirs, which is the same number on both (addition commutes).
-    Returns the number of parameters summed on this rank."""
+    Collective over `group`. Each pair of ranks exchanges one flat buffer and both sides compute
+    mine + theirs, which is the same number on both (addition commutes). Names held once are left out."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    params: dict[str, torch.Tensor] = {}
-    for st in stages.values():
-        for name, p in st.named_parameters():
-            if name in params and params[name] is not p:
-                raise ValueError(f"two local stages hold different tensors named {name}")
-            params[name] = p
     names: list = [None] * size
-    dist.all_gather_object(names, sorted(params), group=group)
+    dist.all_gather_object(names, sorted(tensors), group=group)
     holders: dict[str, list[int]] = {}
     for r, lst in enumerate(names):
         for n in lst:
@@ -321,13 +323,12 @@ def sync_replicated_grads(stages: dict[int, PipelineStage], group: dist.ProcessG
     shared_with: dict[int, list[str]] = {}
     for n, hs in sorted(holders.items()):
         if len(hs) > 2:
-            raise ValueError(f"parameter {n} is held by {len(hs)} pipeline ranks {hs}; at most two are supported")
+            raise ValueError(f"{n} is held by {len(hs)} pipeline ranks {hs}; at most two are supported")
         if len(hs) == 2 and rank in hs:
             shared_with.setdefault(hs[0] if hs[1] == rank else hs[1], []).append(n)
-    count = 0
+    out = {}
     for peer, ns in sorted(shared_with.items()):
-        grads = [params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]) for n in ns]
-        mine = torch.cat([g.reshape(-1) for g in grads])
+        mine = torch.cat([tensors[n].reshape(-1) for n in ns])
         theirs = torch.empty_like(mine)
         ops = [
             dist.P2POp(dist.isend, mine, group=group, group_peer=peer),
@@ -335,11 +336,36 @@ def sync_replicated_grads(stages: dict[int, PipelineStage], group: dist.ProcessG
         ]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
-        total = mine + theirs  # the same bits on both ranks: addition commutes
+        total = mine + theirs
         offset = 0
-        for n, g in zip(ns, grads):
-            k = g.numel()
-            params[n].grad = total[offset : offset + k].view_as(g).clone()
+        for n in ns:
+            k = tensors[n].numel()
+            out[n] = total[offset : offset + k].view_as(tensors[n]).clone()
             offset += k
-        count += len(ns)
-    return count
+    return out
+
+
+def sync_replicated_grads(stages: dict[int, PipelineStage], group: dist.ProcessGroup | None = None) -> int:
+    """Sum the gradients of parameters held by two ranks of the pipeline group: DualPipe's two copies of
+    every stage, and the embedding the last stage shares with the first for MTP (or tied embeddings) when
+    they sit on different ranks. Afterwards both copies hold the same gradient, so identical optimizer
+    steps keep them identical. Collective over `group`; returns the number of parameters summed here."""
+    params: dict[str, torch.Tensor] = {}
+    for st in stages.values():
+        for name, p in st.named_parameters():
+            if name in params and params[name] is not p:
+                raise ValueError(f"two local stages hold different tensors named {name}")
+            params[name] = p
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    summed = _sum_over_holders(grads, group)
+    for n, g in summed.items():
+        params[n].grad = g
+    return len(summed)
+
+
+def sync_expert_counts(stages: dict[int, PipelineStage], group: dist.ProcessGroup | None = None) -> None:
+    """Add up the per-step expert counts of the two copies of each stage (DualPipe: each copy routes only
+    its direction's micro-batches), so the balance-bias update sees the whole batch on both copies."""
+    counts = {f"stage{s}.expert_counts": st.expert_counts for s, st in stages.items()}
+    for name, total in _sum_over_holders(counts, group).items():
+        stages[int(name[5:].split(".")[0])].expert_counts.copy_(total)

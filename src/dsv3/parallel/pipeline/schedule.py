@@ -98,7 +98,8 @@ class Schedule:
     def forward_only(self) -> Schedule:
         """The same order without backward work (for a no-grad step): FB keeps its F half."""
         acts = tuple(
-            tuple(a.parts()[0] for a in rank_actions if a.kind in ("F", "FB")) for rank_actions in self.actions
+            tuple(a.parts()[0] for a in rank_actions if a.kind in ("F", "FB"))
+            for rank_actions in self.actions
         )
         return replace(self, actions=acts)
 
@@ -141,7 +142,9 @@ class Schedule:
         """Every (micro-batch, stage) has exactly one forward and one complete backward on its rank, each W
         follows its I, and the order is executable (no rank waits on itself): raise ValueError otherwise."""
         if len(self.actions) != self.num_ranks:
-            raise ValueError(f"schedule {self.name}: {len(self.actions)} rank programs for {self.num_ranks} ranks")
+            raise ValueError(
+                f"schedule {self.name}: {len(self.actions)} rank programs for {self.num_ranks} ranks"
+            )
         fwd, bwd, inp, wgt = set(), set(), set(), set()
         forward_only = all(a.kind == "F" for acts in self.actions for a in acts)
         for rank, acts in enumerate(self.actions):
@@ -149,7 +152,9 @@ class Schedule:
                 for p in a.parts():
                     key = (p.mb, p.stage)
                     if self.rank_of(*key) != rank:
-                        raise ValueError(f"schedule {self.name}: {p} on rank {rank}, placed on {self.rank_of(*key)}")
+                        raise ValueError(
+                            f"schedule {self.name}: {p} on rank {rank}, placed on {self.rank_of(*key)}"
+                        )
                     target = {"F": fwd, "B": bwd, "I": inp, "W": wgt}[p.kind]
                     if key in target:
                         raise ValueError(f"schedule {self.name}: {p} appears twice")
@@ -159,9 +164,10 @@ class Schedule:
         everything = {(m, s) for m in range(self.num_microbatches) for s in range(self.num_stages)}
         if fwd != everything:
             raise ValueError(f"schedule {self.name}: forwards missing for {sorted(everything - fwd)[:4]}")
-        if not forward_only:
-            if bwd & inp or (bwd | inp) != everything or wgt != inp:
-                raise ValueError(f"schedule {self.name}: every (micro-batch, stage) needs one B, or one I and one W")
+        if not forward_only and (bwd & inp or (bwd | inp) != everything or wgt != inp):
+            raise ValueError(
+                f"schedule {self.name}: every (micro-batch, stage) needs one B, or one I and one W"
+            )
         topological_order(self)  # raises on a deadlock
         return self
 
@@ -226,12 +232,16 @@ def check_requirements(name: str, pp: int, num_microbatches: int) -> None:
     _check(name in SCHEDULES, f"unknown pipeline schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     _check(isinstance(pp, int) and pp >= 1, f"pp must be a positive integer, got {pp!r}")
     N = num_microbatches
-    _check(isinstance(N, int) and N >= 1, f"the number of micro-batches must be a positive integer, got {N!r}")
+    _check(
+        isinstance(N, int) and N >= 1, f"the number of micro-batches must be a positive integer, got {N!r}"
+    )
     if name in ("1f1b", "zb1p"):
         _check(pp <= N, f"{name} needs at least pp={pp} micro-batches to reach its steady state, got {N}")
     elif name == "dualpipe":
         _check(pp % 2 == 0, f"dualpipe needs an even pp (rank r holds stages r and pp-1-r), got {pp}")
-        _check(N % 2 == 0, f"dualpipe needs an even number of micro-batches (half enter from each end), got {N}")
+        _check(
+            N % 2 == 0, f"dualpipe needs an even number of micro-batches (half enter from each end), got {N}"
+        )
         _check(2 * pp <= N, f"dualpipe needs at least 2*pp={2 * pp} micro-batches, got {N}")
     else:
         _check(pp % 2 == 0, f"dualpipev needs an even pp: pp counts stages, two per device, got {pp}")
@@ -327,7 +337,9 @@ def _dual_program(n: int, r: int, chunks: int) -> list[tuple]:
     return prog
 
 
-def _bind(prog: list[tuple], stage_of: tuple[int, int], mb_of: Callable[[int, int], int]) -> tuple[Action, ...]:
+def _bind(
+    prog: list[tuple], stage_of: tuple[int, int], mb_of: Callable[[int, int], int]
+) -> tuple[Action, ...]:
     """Turn a phase program into actions: per-phase counters number the micro-batches, Ws pop a FIFO of Is."""
     fwd = [0, 0]
     bwd = [0, 0]

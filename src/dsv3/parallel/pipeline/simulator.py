@@ -44,7 +44,9 @@ class Durations:
         if self.F <= 0 or self.B <= 0:
             raise ValueError(f"durations F and B must be > 0, got F={self.F}, B={self.B}")
         if self.W > self.B:
-            raise ValueError(f"W (the weight part of the backward) cannot exceed B, got W={self.W} > B={self.B}")
+            raise ValueError(
+                f"W (the weight part of the backward) cannot exceed B, got W={self.W} > B={self.B}"
+            )
         if self.FB is not None and not (self.FB > 0):
             raise ValueError(f"duration FB must be > 0, got {self.FB!r}")
 

@@ -54,7 +54,9 @@ def split_layers(num_layers: int, num_stages: int, layers_per_stage: list[int] |
     if len(layers_per_stage) != num_stages or any(n < 1 for n in layers_per_stage):
         raise ValueError(f"layers_per_stage must be {num_stages} counts >= 1, got {layers_per_stage}")
     if sum(layers_per_stage) != num_layers:
-        raise ValueError(f"layers_per_stage {layers_per_stage} sums to {sum(layers_per_stage)}, not {num_layers}")
+        raise ValueError(
+            f"layers_per_stage {layers_per_stage} sums to {sum(layers_per_stage)}, not {num_layers}"
+        )
     starts = [sum(layers_per_stage[:i]) for i in range(num_stages)]
     return [range(a, a + n) for a, n in zip(starts, layers_per_stage)]
 
@@ -83,18 +85,26 @@ class PipelineStage(nn.Module):
         self.rope_attn_factor = model.rope_attn_factor
         self.moe_before = sum(cfg.is_moe_layer(i) for i in range(layers.start))  # stats rows received
         self.moe_here = [i for i in layers if cfg.is_moe_layer(i)]
-        n_moe = len(self.moe_here) + (sum(isinstance(m.block.ffn, MoE) for m in model.mtp) if self.is_last else 0)
+        n_moe = len(self.moe_here) + (
+            sum(isinstance(m.block.ffn, MoE) for m in model.mtp) if self.is_last else 0
+        )
         self.register_buffer("expert_counts", torch.zeros(n_moe, cfg.n_routed_experts or 0), persistent=False)
 
-    def input_spec(self, batch: int, seq: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    def input_spec(
+        self, batch: int, seq: int, dtype: torch.dtype
+    ) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of what this stage receives from the previous one (and sends the gradient of)."""
         return [] if self.is_first else self._spec(self.moe_before, batch, seq, dtype)
 
-    def output_spec(self, batch: int, seq: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    def output_spec(
+        self, batch: int, seq: int, dtype: torch.dtype
+    ) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of what this stage sends to the next one (and receives the gradient of)."""
         return [] if self.is_last else self._spec(self.moe_before + len(self.moe_here), batch, seq, dtype)
 
-    def _spec(self, rows: int, batch: int, seq: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    def _spec(
+        self, rows: int, batch: int, seq: int, dtype: torch.dtype
+    ) -> list[tuple[tuple[int, ...], torch.dtype]]:
         spec = [((batch, seq, self.config.hidden_size), dtype)]
         if self.ship_stats and rows > 0:
             spec.append(((rows, 2), torch.float32))
@@ -120,10 +130,16 @@ class PipelineStage(nn.Module):
             if s is not None:
                 stats.append(s)
         if not self.is_last:
-            return (x,) if not self.ship_stats or self.moe_before + len(stats) == 0 else (x, self._rows(prev, stats))
+            return (
+                (x,)
+                if not self.ship_stats or self.moe_before + len(stats) == 0
+                else (x, self._rows(prev, stats))
+            )
         # last stage: exactly Transformer.forward's tail
         if prev is not None:
-            stats = [RouterStats(prev.new_zeros(0), prev[i, 0], prev[i, 1]) for i in range(prev.shape[0])] + stats
+            stats = [
+                RouterStats(prev.new_zeros(0), prev[i, 0], prev[i, 1]) for i in range(prev.shape[0])
+            ] + stats
         local = len(stats) - (0 if prev is None else prev.shape[0])
         hidden = self.norm(x)
         out = ModelOutput(logits=self.head(hidden), hidden=hidden, router_stats=stats)

@@ -56,8 +56,9 @@ class WeightGradStore:
         if key not in self._ready:
             raise ValueError(f"no deferred weight gradients for {key!r}")
         fns = self._ready.pop(key)
-        for fn in fns:
-            fn()
+        with torch.no_grad():  # the closures read saved activations that may require grad
+            for fn in fns:
+                fn()
         return len(fns)
 
     def __len__(self) -> int:
