@@ -7,16 +7,17 @@ same loss, in one run, alternating the variants every repetition; medians over r
 - 1F1B, ZB1P, DualPipe and torch's 1F1B cut the model into P stages (P = processes); DualPipeV (ours and
   torch's) into 2P stages, two per process. DualPipe holds two copies of its stages (2x parameters).
 - Step time: the slowest rank's wall time of one step (barrier before, max over ranks after).
-- Measured bubble fraction, one method for every variant: 1 - busy / step, per rank, where busy is the
-  rank's own compute for the step (forward and full backward of every (micro-batch, stage) it runs)
-  timed alone, without any pipeline, right before; averaged over ranks. It includes runtime overhead.
-  For dsv3's runtime the profiled idle time (step - time inside actions) is reported too.
+- Measured bubble fraction, one method for every variant: the time a rank spends blocked waiting for
+  pipeline communication (receives, the final send completions, dsv3's loss all-reduce) divided by the
+  step time, averaged over ranks. dsv3's runtime reports it (StepResult.wait_s); for torch's schedules
+  the benchmark times its `_wait_batch_p2p`, through which all of their waits go. For dsv3 the profiled
+  idle time (step - time inside actions) is reported too.
 - The model is a small MoE dsv3 model without MTP and balance loss (torch's stages pass one tensor between
   stages, so the loss is the plain cross-entropy for both).
 
-Caveat: processes share the machine's cores. With more processes than free cores, a rank that waits
-frees its core for the others, which hides bubbles; measured fractions are then lower bounds and closer
-together than the table predicts.
+Caveat: processes share the machine's cores. With more processes than free cores a rank that is ready
+may still wait for a core (counted as compute), and a rank that waits frees its core for the others,
+which hides bubbles: measured fractions are then distorted and closer together than the table predicts.
 
     python benchmarks/pipeline.py [--nproc 4] [--microbatches 8] [--reps 5]
 
@@ -78,18 +79,16 @@ def _torch_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- variants
 class Variant:
-    def __init__(self, name: str, stages: dict, step, work: list[tuple[int, int]]) -> None:
-        self.name, self.stages, self.step, self.work = name, stages, step, work
+    def __init__(self, name: str, stages: dict, step) -> None:
+        self.name, self.stages, self.step = name, stages, step
 
 
 def _ours(name: str, pp: int, model: Transformer, rank: int, n: int, ids, labels, group) -> Variant:
     sched = make_schedule(name, pp, n)
     stages = build_stages(copy.deepcopy(model), sched.stages_of(rank), sched.num_stages, ship_stats=False)
     rt = PipelineRuntime(sched, stages, group=group, loss_fn=_ce_loss)
-    work = [(m, s) for s in stages for m in sched.microbatches_of(rank, s)]
-    v = Variant(f"dsv3 {name}", stages, None, work)
+    v = Variant(f"dsv3 {name}", stages, None)
     v.step = lambda profile=False: rt.step(ids, labels, profile=profile)
-    v.schedule = sched
     return v
 
 
@@ -121,27 +120,24 @@ def _theirs(kind: str, model: Transformer, rank: int, world: int, n: int, ids, l
         kw = {"target": labels, "losses": []} if last else {}
         return sched.step(*args, **kw)
 
-    work = [(m, s) for s in mine for m in range(n)]
-    return Variant(f"torch {'Schedule1F1B' if kind == '1f1b' else 'ScheduleDualPipeV'}", stages, step, work)
+    return Variant(f"torch {'Schedule1F1B' if kind == '1f1b' else 'ScheduleDualPipeV'}", stages, step)
 
 
-def _busy_alone(v: Variant, ids: torch.Tensor, n: int) -> float:
-    """This rank's compute for one step, timed without the pipeline: F + full backward per (mb, stage)."""
-    mb = ids.shape[0] // n
-    t0 = time.perf_counter()
-    for m, s in v.work:
-        st = v.stages[s]
-        x = ids[m * mb : (m + 1) * mb]
-        if st.is_first:
-            args = (x,)
-        else:
-            args = (torch.randn(mb, ids.shape[1], st.config.hidden_size, requires_grad=True),)
-        out = st(*args, input_ids=x)
-        if st.is_last:
-            _ce_loss(out, x).loss.backward()
-        else:
-            out[0].backward(torch.randn_like(out[0]))
-    return time.perf_counter() - t0
+class _WaitClock:
+    """Accumulates the time torch's pipeline schedules spend in `_wait_batch_p2p` (all their waits)."""
+
+    def __init__(self) -> None:
+        from torch.distributed.pipelining import schedules
+
+        self.seconds = 0.0
+        original = schedules._wait_batch_p2p
+
+        def timed(work):
+            t0 = time.perf_counter()
+            original(work)
+            self.seconds += time.perf_counter() - t0
+
+        schedules._wait_batch_p2p = timed
 
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
@@ -161,24 +157,24 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         _theirs("1f1b", model, rank, world, n, ids, labels, group),
         _theirs("dualpipev", model, rank, world, n, ids, labels, group),
     ]
+    clock = _WaitClock()
     steps = {v.name: [] for v in variants}
     bubble = {v.name: [] for v in variants}
     idle = {v.name: [] for v in variants}
-    for rep in range(args.reps + 1):  # repetition 0 warms up
-        for v in variants:
-            for st in v.stages.values():
-                st.zero_grad(set_to_none=True)
-            busy = _busy_alone(v, ids, n)
+    for rep in range(args.reps + 1):  # repetition 0 warms up; the order alternates every repetition
+        for v in variants if rep % 2 == 0 else variants[::-1]:
             for st in v.stages.values():
                 st.zero_grad(set_to_none=True)
             dist.barrier()
+            clock.seconds = 0.0
             t0 = time.perf_counter()
             res = v.step(profile=True)
             wall = time.perf_counter() - t0
             dist.barrier()
+            waited = res.wait_s if v.name.startswith("dsv3") else clock.seconds
             slowest = torch.tensor([wall])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            frac = torch.tensor([max(0.0, 1.0 - busy / slowest.item())])
+            frac = torch.tensor([waited / slowest.item()])
             dist.all_reduce(frac)
             if rep == 0:
                 continue

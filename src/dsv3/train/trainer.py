@@ -49,6 +49,17 @@ from dsv3.train.schedule import batch_size_at, bias_update_speed_at, lr_at, mtp_
 from dsv3.train.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOKENIZER_TRAIN_CHARS = 50_000_000  # BPE merges are learned from at most this much of the train split
+
+
+def _first_chars(docs: list[str], limit: int) -> list[str]:
+    out, n = [], 0
+    for d in docs:
+        if n >= limit:
+            break
+        out.append(d[: limit - n])
+        n += len(out[-1])
+    return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -163,7 +174,9 @@ class Trainer:
             tok = Tokenizer.from_file(tdir)
         else:
             t0 = time.perf_counter()
-            tok = Tokenizer.train(self._train_docs, self.model_config.vocab_size)
+            tok = Tokenizer.train(
+                _first_chars(self._train_docs, TOKENIZER_TRAIN_CHARS), self.model_config.vocab_size
+            )
             if self.rank == 0:
                 tok.save(tdir, model_max_length=self.model_config.max_position_embeddings)
             dt = time.perf_counter() - t0

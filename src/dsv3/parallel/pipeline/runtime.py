@@ -8,14 +8,18 @@ Every rank of the pipeline group walks its own action list (schedule.actions[ran
 - it waits only for the messages the action consumes, runs the computation, and posts the sends of what
   it produced at once, never waiting for them until the end of the step. Since sends never block and a
   receive waits only for data its producer makes unconditionally, an order that `Schedule.validate`
-  accepts (no rank waits on itself) cannot deadlock;
+  accepts (no rank waits on itself) cannot deadlock. That argument holds where sends progress in the
+  background (gloo, tested here); NCCL runs one communicator's point-to-point kernels in order on one
+  stream, which this runtime has not been validated against (no GPU was available);
 - hand-offs between two stages of the same rank (DualPipeV's fold) stay in memory.
 
 Backward: B runs the full backward of a chunk; I runs it with the weight gradients of the split layers
 queued in the runtime's `WeightGradStore` (wgrad.py) under (micro-batch, stage); W runs that queue.
-FB runs a forward and a full backward as one unit through the `overlap` hook, which gets two thunks and
-decides how to interleave them (default: forward, then backward). A stage type can supply its own hook to
-hide, for example, the all-to-all of one micro-batch behind the computation of the other.
+FB runs a forward and a full backward as one unit through the `overlap` hook, which gets two thunks
+(their inputs already received, their outputs sent after both return) and decides how to interleave them.
+The default runs the forward, then the backward: on a CPU there is nothing to overlap with. The hook is
+the seam for DeepSeek's overlap (on a GPU: the all-to-all of one micro-batch on its own stream while the
+other computes), which needs the MoE layer split into dispatch / compute / combine phases.
 
 Losses: the rank holding a micro-batch's last stage fills its row of the [N, 4] loss table; a sum
 all-reduce over the group (every other rank contributes zeros, which adds exactly) gives every rank the
@@ -163,6 +167,7 @@ class PipelineRuntime:
         self._losses: dict[tuple[int, int], torch.Tensor] = {}
         self._sends: list[tuple[list, tuple[torch.Tensor, ...]]] = []
         self._table = torch.zeros(N, 4)
+        self._wait_s = 0.0
         self._result_outputs: dict[int, torch.Tensor] = {}
         self.store.clear()
         for st in self.stages.values():
@@ -180,18 +185,28 @@ class PipelineRuntime:
                 if profile:
                     timeline.append((str(action), start - t0, time.perf_counter() - t0))
                 self._send(sched, action)
+            t_end = time.perf_counter()
             for works, _ in self._sends:
                 for w in works:
                     w.wait()
+            self._wait_s += time.perf_counter() - t_end
         finally:
             self._sends, self._inbox, self._local, self._produced = [], {}, {}, {}
             self._inputs, self._outputs, self._losses = {}, {}, {}
         if len(self.store):
             raise RuntimeError("internal error: weight gradients left pending after the step")
         if labels is not None:
+            t_sum = time.perf_counter()
             dist.all_reduce(self._table, group=self.group)
+            self._wait_s += time.perf_counter() - t_sum
         wall = time.perf_counter() - t0
-        return StepResult(losses=self._table, outputs=self._result_outputs, timeline=timeline, wall_s=wall)
+        return StepResult(
+            losses=self._table,
+            outputs=self._result_outputs,
+            timeline=timeline,
+            wall_s=wall,
+            wait_s=self._wait_s,
+        )
 
     def _act_dtype(self) -> torch.dtype:
         for st in self.stages.values():
@@ -226,7 +241,10 @@ class PipelineRuntime:
     def _take(self, msg: Message) -> tuple[torch.Tensor, ...]:
         if msg in self._local:
             return self._local.pop(msg)
-        return tuple(self._inbox.pop(msg).wait())
+        t0 = time.perf_counter()
+        out = tuple(self._inbox.pop(msg).wait())
+        self._wait_s += time.perf_counter() - t0
+        return out
 
     def _send(self, sched: Schedule, action: Action) -> None:
         for dst, msg in sched.outgoing(self.rank, action):

@@ -197,7 +197,8 @@ class StepResult:
     losses: torch.Tensor
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> logits (when asked)
     timeline: list[tuple[str, float, float]] = field(default_factory=list)  # (action, start, end) seconds
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the step's wall time on this rank
+    wait_s: float = 0.0  # of which blocked waiting for communication (the measured bubble)
 
     @property
     def loss(self) -> torch.Tensor:
