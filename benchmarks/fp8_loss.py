@@ -6,10 +6,14 @@ autocast. Both keep FP32 master weights. Their steps alternate (so a busy machin
 Reported: the relative difference of the final smoothed training loss (mean over the last `--window`
 steps) and of the validation loss on the whole validation split; `rel_loss_error` is the larger.
 
+`--pair bf16,fp32` runs the same comparison between two higher precisions: the noise floor of changing
+the arithmetic at all (two runs diverge chaotically once any rounding differs), to read the FP8 figure
+against.
+
 Activation memory: on one batch, the bytes each model's autograd graph holds for backward (saved-tensor
 hooks; storages counted once; parameters and autocast's BF16 weight copies excluded).
 
-    python benchmarks/fp8_loss.py [--preset tiny] [--steps 300] [--threads 1] [--png PATH] [key=value ...]
+    python benchmarks/fp8_loss.py [--preset tiny] [--steps 300] [--pair bf16,fp8] [--png PATH] [key=value ...]
 
 Last line: JSON {rel_loss_error, ours (FP8 val loss), baseline (BF16 val loss), ratio, unit, ...}.
 """
@@ -17,6 +21,7 @@ Last line: JSON {rel_loss_error, ours (FP8 val loss), baseline (BF16 val loss), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -26,6 +31,8 @@ import torch
 
 from dsv3.train.cli import build_configs
 from dsv3.train.trainer import Trainer
+
+MODES = {"bf16": ("bfloat16", False), "fp32": ("float32", False), "fp8": ("bfloat16", True)}  # dtype, fp8
 
 
 def saved_activation_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
@@ -72,7 +79,8 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (ax, axd) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
-    colors = {"bf16": "tab:blue", "fp8": "tab:red"}
+    base, ours = curves
+    colors = dict(zip(curves, ("tab:blue", "tab:red")))
     for name, c in curves.items():
         steps = range(1, len(c) + 1)
         ax.plot(steps, c, color=colors[name], alpha=0.25, lw=0.8)
@@ -83,14 +91,14 @@ def plot(
             vs, vl = zip(*vals[name])
             ax.plot(vs, vl, "o--", color=colors[name], ms=4, label=f"{name} val")
     ax.set_ylabel("loss (nats)")
-    ax.set_title("FP8 (1x128 / 128x128 E4M3, emulated) vs BF16 training")
+    ax.set_title(f"{ours} vs {base} training (fp8: 1x128 / 128x128 E4M3 GEMMs, emulated on CPU)")
     ax.legend()
     ax.grid(alpha=0.3)
-    sb, sf = smooth(curves["bf16"], window), smooth(curves["fp8"], window)
+    sb, sf = smooth(curves[base], window), smooth(curves[ours], window)
     axd.plot(range(1, len(sb) + 1), [100 * (f - b) / b for f, b in zip(sf, sb)], color="k", lw=1)
     axd.axhline(0, color="gray", lw=0.5)
     axd.axhspan(-0.25, 0.25, color="green", alpha=0.1, label="paper's 0.25%")
-    axd.set_ylabel("(fp8 - bf16) / bf16, %")
+    axd.set_ylabel(f"({ours} - {base}) / {base}, %")
     axd.set_xlabel("step")
     axd.legend(loc="upper right")
     axd.grid(alpha=0.3)
@@ -111,6 +119,9 @@ def main() -> int:
         "--evals", type=int, default=4, help="validation points on the curve (the last is the full split)"
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--pair", default="bf16,fp8", help="baseline,ours among bf16, fp32, fp8 (fp8: bf16 + FP8 GEMMs)"
+    )
     ap.add_argument("--png", default="benchmarks/out/fp8_loss.png")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
@@ -118,13 +129,23 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
     window = args.window or max(5, train_cfg.steps // 10)
-    names = ("bf16", "fp8")
+    names = tuple(args.pair.split(","))
+    if len(names) != 2 or names[0] == names[1] or not set(names) <= set(MODES):
+        raise ValueError(f"--pair takes two different modes of {sorted(MODES)}, got {args.pair!r}")
+    base, ours = names
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
-            n: Trainer(model_cfg, train_cfg, Path(tmp) / n, fp8=n == "fp8", progress=False, overwrite=True)
+            n: Trainer(
+                model_cfg,
+                dataclasses.replace(train_cfg, dtype=MODES[n][0]),
+                Path(tmp) / n,
+                fp8=MODES[n][1],
+                progress=False,
+                overwrite=True,
+            )
             for n in names
         }
-        a, b = trainers["bf16"], trainers["fp8"]
+        a, b = trainers[base], trainers[ours]
         same = all(
             torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values())
         )
@@ -152,40 +173,41 @@ def main() -> int:
                     r = t.evaluate(max_batches=None if full else train_cfg.eval_batches)
                     vals[n].append((step, r["val_loss"]))
                 print(
-                    f"step {step}: train bf16 {smooth(curves['bf16'], window)[-1]:.4f} "
-                    f"fp8 {smooth(curves['fp8'], window)[-1]:.4f} | val bf16 {vals['bf16'][-1][1]:.4f} "
-                    f"fp8 {vals['fp8'][-1][1]:.4f} | {time.perf_counter() - t_start:.0f}s",
+                    f"step {step}: train {base} {smooth(curves[base], window)[-1]:.4f} "
+                    f"{ours} {smooth(curves[ours], window)[-1]:.4f} | val {base} {vals[base][-1][1]:.4f} "
+                    f"{ours} {vals[ours][-1][1]:.4f} | {time.perf_counter() - t_start:.0f}s",
                     flush=True,
                 )
     train_final = {n: smooth(curves[n], window)[-1] for n in names}
     val_final = {n: vals[n][-1][1] for n in names}
-    rel_train = abs(train_final["fp8"] - train_final["bf16"]) / train_final["bf16"]
-    rel_val = abs(val_final["fp8"] - val_final["bf16"]) / val_final["bf16"]
+    rel_train = abs(train_final[ours] - train_final[base]) / train_final[base]
+    rel_val = abs(val_final[ours] - val_final[base]) / val_final[base]
     png = Path(args.png)
     plot(curves, vals, window, png)
     mb = {n: mem[n]["total"] / 2**20 for n in names}
-    print(f"train loss (mean of last {window}): bf16 {train_final['bf16']:.4f} fp8 {train_final['fp8']:.4f}")
-    print(f"val loss (full split):       bf16 {val_final['bf16']:.4f} fp8 {val_final['fp8']:.4f}")
+    print(
+        f"train loss (mean of last {window}): {base} {train_final[base]:.4f} {ours} {train_final[ours]:.4f}"
+    )
+    print(f"val loss (full split):       {base} {val_final[base]:.4f} {ours} {val_final[ours]:.4f}")
     print(f"relative error: train {100 * rel_train:.3f}%, val {100 * rel_val:.3f}% (paper: < 0.25%)")
-    print(f"activations held for backward: bf16 {mb['bf16']:.1f} MiB, fp8 {mb['fp8']:.1f} MiB ({mem})")
+    print(f"activations held for backward: {base} {mb[base]:.1f} MiB, {ours} {mb[ours]:.1f} MiB ({mem})")
     sps = {n: secs[n] / train_cfg.steps for n in names}
-    print(f"seconds per step: bf16 {sps['bf16']:.2f}, fp8 (emulated) {sps['fp8']:.2f}")
+    print(f"seconds per step: {base} {sps[base]:.2f}, {ours} {sps[ours]:.2f} (fp8 is emulated on CPU)")
     print(f"curves: {png}")
     result = {
         "rel_loss_error": max(rel_train, rel_val),
         "rel_train_loss_error": rel_train,
         "rel_val_loss_error": rel_val,
-        "ours": val_final["fp8"],
-        "baseline": val_final["bf16"],
-        "ratio": val_final["fp8"] / val_final["bf16"],
-        "unit": "val loss (nats), fp8 vs bf16",
-        "train_loss_fp8": train_final["fp8"],
-        "train_loss_bf16": train_final["bf16"],
-        "activation_bytes_bf16": mem["bf16"],
-        "activation_bytes_fp8": mem["fp8"],
-        "activation_ratio": mem["fp8"]["total"] / mem["bf16"]["total"],
-        "sec_per_step_bf16": sps["bf16"],
-        "sec_per_step_fp8_emulated": sps["fp8"],
+        "ours": val_final[ours],
+        "baseline": val_final[base],
+        "ratio": val_final[ours] / val_final[base],
+        "unit": f"val loss (nats), {ours} vs {base}",
+        "pair": f"{base},{ours}",
+        "train_loss": train_final,
+        "val_loss": val_final,
+        "activation_bytes": mem,
+        "activation_ratio": mem[ours]["total"] / mem[base]["total"],
+        "sec_per_step": sps,
         "preset": args.preset,
         "steps": train_cfg.steps,
         "tokens_per_step": train_cfg.batch_size * train_cfg.seq_len,

@@ -6,7 +6,9 @@ same loss, in one run, alternating the variants every repetition; medians over r
 
 - 1F1B, ZB1P, DualPipe and torch's 1F1B cut the model into P stages (P = processes); DualPipeV (ours and
   torch's) into 2P stages, two per process. DualPipe holds two copies of its stages (2x parameters).
-- Step time: the slowest rank's wall time of one step (barrier before, max over ranks after).
+- Step time: the slowest rank's wall time of one step (barrier before, max over ranks after). CPU time
+  per step (process time summed over ranks, gloo's threads included) is reported too: it does not depend
+  on how busy the machine is, so it compares the runtimes' work when wall times are noisy.
 - Measured bubble fraction, one method for every variant: the time a rank spends blocked waiting for
   pipeline communication (receives, the final send completions, dsv3's loss all-reduce) divided by the
   step time, averaged over ranks. dsv3's runtime reports it (StepResult.wait_s); for torch's schedules
@@ -161,25 +163,27 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     steps = {v.name: [] for v in variants}
     bubble = {v.name: [] for v in variants}
     idle = {v.name: [] for v in variants}
+    cpu = {v.name: [] for v in variants}
     for rep in range(args.reps + 1):  # repetition 0 warms up; the order alternates every repetition
         for v in variants if rep % 2 == 0 else variants[::-1]:
             for st in v.stages.values():
                 st.zero_grad(set_to_none=True)
             dist.barrier()
             clock.seconds = 0.0
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             res = v.step(profile=True)
-            wall = time.perf_counter() - t0
+            wall, used = time.perf_counter() - t0, time.process_time() - c0
             dist.barrier()
             waited = res.wait_s if v.name.startswith("dsv3") else clock.seconds
             slowest = torch.tensor([wall])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            frac = torch.tensor([waited / slowest.item()])
+            frac = torch.tensor([waited / slowest.item(), used])
             dist.all_reduce(frac)
             if rep == 0:
                 continue
             steps[v.name].append(slowest.item())
-            bubble[v.name].append(frac.item() / world)
+            cpu[v.name].append(frac[1].item())
+            bubble[v.name].append(frac[0].item() / world)
             if v.name.startswith("dsv3"):
                 inside = sum(e - s for _, s, e in res.timeline)
                 f = torch.tensor([1.0 - inside / slowest.item()])
@@ -190,6 +194,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         "step_s": {k: med(x) for k, x in steps.items()},
         "bubble_fraction": {k: med(x) for k, x in bubble.items()},
         "profiled_idle_fraction": {k: med(x) for k, x in idle.items() if x},
+        "cpu_s": {k: med(x) for k, x in cpu.items()},
     }
 
 
@@ -209,10 +214,11 @@ def main() -> None:
         raise SystemExit("--layers must be divisible by 2 * nproc (DualPipeV's stages)")
     out = run_local(worker, args.nproc, (args,), timeout_s=1800, collective_timeout_s=600)[0]
     steps, frac = out["step_s"], out["bubble_fraction"]
-    print(f"{'variant':<26} {'step s':>8} {'bubble':>8} {'profiled idle':>14}")
+    print(f"{'variant':<26} {'step s':>8} {'CPU s':>8} {'bubble':>8} {'profiled idle':>14}")
     for k in steps:
         idle = out["profiled_idle_fraction"].get(k)
-        print(f"{k:<26} {steps[k]:>8.3f} {frac[k]:>8.3f} {'' if idle is None else f'{idle:>14.3f}'}")
+        idle_s = "" if idle is None else f"{idle:>14.3f}"
+        print(f"{k:<26} {steps[k]:>8.3f} {out['cpu_s'][k]:>8.3f} {frac[k]:>8.3f} {idle_s}")
     P, N = args.nproc, args.microbatches
     # the table's prediction as a fraction of a step, with F=1, B=2, W=1, F&B=F+B (no overlap gain on CPU)
     # for a 1/P chunk of the model; DualPipeV's chunks are 1/(2P), so its times are halved
@@ -231,6 +237,7 @@ def main() -> None:
                 "unit": "s/step (dsv3 DualPipeV vs torch ScheduleDualPipeV)",
                 "ratio_1f1b": steps["dsv3 1f1b"] / steps["torch Schedule1F1B"],
                 "step_s": steps,
+                "cpu_s_per_step_all_ranks": out["cpu_s"],
                 "bubble_fraction": frac,
                 "profiled_idle_fraction": out["profiled_idle_fraction"],
                 "table_bubble_fraction": pred,

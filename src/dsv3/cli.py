@@ -14,7 +14,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("dsv3.checkpoint.cli", "convert checkpoints (HF <-> native, BF16 <-> FP8)"),
     "plan": ("dsv3.plan.cli", "analytic cost model; `dsv3 plan pipeline` simulates pipeline schedules"),
     "plot": ("dsv3.train.plot", "plot a run's loss curves and expert-load heatmap"),
-    "bench": ("dsv3.bench", "run the benchmarks in benchmarks/"),
 }
 
 

@@ -15,6 +15,7 @@ from dsv3.inference.eplb import identity_placement, rebalance
 from dsv3.model import Transformer
 from dsv3.parallel import run_local
 
+SPEC_PARAMS = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
 E = 8  # debug preset: 8 experts in 4 groups, top-2, one shared expert; 1 main MoE layer + the MTP block's
 
 
@@ -63,10 +64,23 @@ def _slots_hold_logical(ep, original: list[tuple[torch.Tensor, ...]]) -> bool:
     return True
 
 
+def _speculative(rank: int, world: int) -> dict:
+    """MTP speculative decoding under EP: main and MTP-block MoE forwards alternate on every rank."""
+    model = _model()
+    ep = apply_ep_inference(model)  # 8 experts on 3 ranks: default placement has 9 slots (1 redundant)
+    epe = EPEngine(Engine(model, max_batch_size=2, max_seq_len=64, speculative=True), ep)
+    reqs = _requests()
+    mine = _mine(rank, world)
+    outs = epe.generate([reqs[i][0] for i in mine], SPEC_PARAMS)
+    return {"mine": mine, "tokens": [o.token_ids for o in outs], "slots": ep.placement.num_replicas}
+
+
 def _worker(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
     model = _model()
-    original = [(m.experts.w1.clone(), m.experts.w2.clone(), m.experts.w3.clone()) for m in model.moe_layers()]
+    original = [
+        (m.experts.w1.clone(), m.experts.w2.clone(), m.experts.w3.clone()) for m in model.moe_layers()
+    ]
     ep = apply_ep_inference(model)
     epe = EPEngine(Engine(model, max_batch_size=2, max_seq_len=64), ep)
     mine = _mine(rank, world)
@@ -83,7 +97,9 @@ def _worker(rank: int, world: int) -> dict:
     reqs = _requests()
     for i in mine:
         epe.engine.add_request(f"swap{i}", reqs[i][0], reqs[i][1])
-    flipped = rebalance(torch.rand(2, E, generator=torch.Generator().manual_seed(5)) * 100, E + 2 * world, 4, 1, world)
+    flipped = rebalance(
+        torch.rand(2, E, generator=torch.Generator().manual_seed(5)) * 100, E + 2 * world, 4, 1, world
+    )
     steps, more, done = 0, True, {}
     while more:
         if steps == 2:
@@ -122,17 +138,21 @@ def _conserved(epe: EPEngine, mine: list[int]) -> bool:
     return bool(torch.equal(load.sum(-1), routed.sum(-1))) and bool(load.sum() > 0)
 
 
-@pytest.fixture(scope="module")
-def reference() -> list[list[int]]:
+def _single_process(params: SamplingParams | None = None) -> list[list[int]]:
     model = _model()
     engine = Engine(model, max_batch_size=8, max_seq_len=64)
     reqs = _requests()
     for i, (p, sp) in enumerate(reqs):
-        engine.add_request(str(i), p, sp)
+        engine.add_request(str(i), p, params or sp)
     done = {}
     while engine.has_unfinished():
         done.update({o.request_id: o.output.token_ids for o in engine.step() if o.finished})
     return [done[str(i)] for i in range(len(reqs))]
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    return _single_process()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -155,6 +175,15 @@ def test_ep_inference_matches_single_process(world, reference):
     hottest = int(r0["routed"][0].argmax())
     assert r0["replicas"][0][hottest] >= 2 and sum(r0["replicas"][0]) == E + world
     assert r0["swap_steps"] > 4  # both swaps happened while requests were in flight
+
+
+def test_ep_speculative_on_ranks_that_do_not_divide_the_experts():
+    results = run_local(_speculative, 3, timeout_s=120)
+    want = _single_process(SPEC_PARAMS)
+    assert results[0]["slots"] == 9
+    assert sorted(i for r in results for i in r["mine"]) == list(range(len(want)))
+    for res in results:
+        assert res["tokens"] == [want[i] for i in res["mine"]]
 
 
 def test_single_process_ep_equals_model_and_checks_placements():

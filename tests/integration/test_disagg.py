@@ -61,6 +61,10 @@ def _kill(pid: int) -> None:
 
 @pytest.fixture(scope="module")
 def setup():
+    # One thread for the in-process reference engine: on a tiny model it is as fast as two, and two OpenMP
+    # threads on an oversubscribed 2-core CPU can be 100x slower (they wait on each other).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("debug")
     tok = Tokenizer.train([TEXT], cfg.vocab_size)
@@ -80,6 +84,7 @@ def setup():
     )
     yield ref, state
     state.core.close(timeout=5)
+    torch.set_num_threads(threads)
 
 
 def test_outputs_equal_colocated_engine(setup):
@@ -234,6 +239,17 @@ def test_dead_decode_worker_fails_its_stream_others_finish(setup, server):
         server + "/v1/completions", json={"model": "dsv3-debug", "prompt": "Hi", "max_tokens": 5}, timeout=30
     )
     assert r.status_code == 500 and "decode worker" in r.json()["error"]["message"]
+
+
+def test_speculative_decoding_across_workers(setup):
+    """The prefill worker fills the MTP cache layer and the first draft; the decode worker verifies."""
+    ref, state = setup
+    model = ref.model
+    with DisaggEngine(model, ref.tokenizer, max_batch_size=4, max_seq_len=MAX_SEQ, speculative=True) as de:
+        got, _ = _run(de, PROMPTS, GREEDY)
+    want, _ = _run(ref, PROMPTS, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(o.spec is not None and o.spec.drafted > 0 for o in got)
 
 
 def test_cli_flags_and_bad_counts():

@@ -156,3 +156,19 @@ def test_store_refuses_a_key_twice():
         pass
     store.clear()
     assert len(store) == 0
+
+
+def test_without_capture_the_split_layers_run_plain_autograd():
+    """The runtime records deferrable nodes only for chunks the schedule splits; a full B stays native."""
+    cfg = _config()
+    model = Transformer(cfg)
+    store = WeightGradStore()
+    enable_weight_grad_split(model, store)
+    ids, labels = _batch(cfg)
+    store.capture = False
+    loss = lm_loss(model(ids), labels).loss
+    store.capture = True
+    with store.defer("k"):
+        loss.backward()
+    assert model.layers[1].ffn.experts.w1.grad is not None and model.layers[0].attn.wo.weight.grad is not None
+    assert store.run("k") == 0

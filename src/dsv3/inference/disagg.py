@@ -80,7 +80,13 @@ class _Tracked:
 
 
 class DisaggEngine:
-    """Front end over P prefill and D decode worker processes; see the module docstring."""
+    """Front end over P prefill and D decode worker processes; see the module docstring.
+
+    model: a Transformer (its weights are shared with the workers: torch moves them into shared memory in
+    place) or an HF/run directory each worker loads itself. max_batch_size is per decode worker (the
+    prefill workers batch as many prompts, within max_prefill_tokens); `self.max_batch_size` is the total.
+    worker_threads: torch threads per worker (default: the CPU count over the number of workers).
+    Use as a context manager or call `close()`: the workers are daemon processes either way."""
 
     def __init__(
         self,
@@ -175,7 +181,10 @@ class DisaggEngine:
             proc = ctx.Process(
                 target=worker_main, args=(role, spec, inbox, send), name=f"dsv3-{role}-{index}", daemon=True
             )
-            proc.start()
+            try:
+                proc.start()  # pickles the spec: the tokenizer must be picklable
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
+                raise ValueError(f"cannot send the model/tokenizer to a worker process: {e}") from e
             send.close()  # the worker holds the only write end: its death reads as EOF here
             self.workers.append(_Worker(role, index, proc, inbox, recv))
         deadline = time.monotonic() + timeout

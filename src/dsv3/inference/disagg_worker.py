@@ -1,7 +1,8 @@
 """Prefill and decode worker processes for disaggregated serving (the front end: dsv3.inference.disagg).
 
-Each worker is a spawned process with its own copy of the model (loaded from a path, or rebuilt from a
-state dict the front end shipped once through shared memory) and an `Engine` over its own latent cache.
+Each worker is a process (forked from a fork server that imported torch once, or spawned) with the model
+(loaded from a path, or the front end's own weights shipped once through shared memory, so all workers
+map the same pages) and an `Engine` over its own latent cache.
 
 - A prefill worker batches new prompts and runs `Engine.step()`: the prompts' latent cache and their first
   token, sampled with each request's seeded generator, exactly as the colocated engine does. Every request
@@ -13,8 +14,9 @@ state dict the front end shipped once through shared memory) and an `Engine` ove
   admit_prefilled`: the rows are copied into the slot, nothing is recomputed) and decodes them with the
   others. Finished requests leave as in the colocated engine.
 
-Transport (one machine, shared memory): the cache tensor is pickled with torch.multiprocessing's reducer,
-which moves it into a shared-memory segment and pickles only a handle (a file descriptor the receiver
+Transport (one machine, shared host memory): the cache tensor (copied to the CPU if the model is on a GPU)
+is pickled with torch.multiprocessing's reducer, which moves it into a shared-memory segment and pickles
+only a handle (a file descriptor the receiver
 fetches from the sender's resource-sharer thread). These bytes travel prefill worker -> front end ->
 decode worker, and only the decode worker maps the segment: the front end routes the handle without
 touching the cache. Control messages go front end -> worker over a torch.multiprocessing Queue (its feeder
@@ -30,6 +32,7 @@ import copy
 import os
 import pickle
 import queue
+import signal
 import time
 import traceback
 from collections import deque
@@ -136,8 +139,8 @@ class PrefillEngine(Engine):
         """Copy a just-prefilled request out of the cache into shared memory and free its slot."""
         r = self.requests[request_id]
         s, n = r.slot, self.cache.lengths[r.slot]
-        kv = torch.cat([self.cache.c[:, s, :n], self.cache.pe[:, s, :n]], dim=-1)  # [layers, S, C + R]
-        draft = None if r.draft_logits is None else r.draft_logits.clone()
+        kv = torch.cat([self.cache.c[:, s, :n], self.cache.pe[:, s, :n]], dim=-1).cpu()  # [layers, S, C + R]
+        draft = None if r.draft_logits is None else r.draft_logits.cpu().clone()
         payload = bytes(ForkingPickler.dumps((kv, draft)))
         gen = None if r.generator is None else r.generator.get_state().numpy().tobytes()
         h = Handoff(request_id, copy.deepcopy(r.out), r.params, r.stop_ids, r.emitted_text, gen, payload)
@@ -167,7 +170,7 @@ class DecodeEngine(Engine):
             gen = torch.Generator()
             gen.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
         req = _Request(h.out, h.params, gen, h.stop_ids, emitted_text=h.emitted_text)
-        req.draft_logits = draft_logits if self.speculative else None
+        req.draft_logits = draft_logits.to(cache.c.device) if self.speculative else None
         s = req.slot = len(self.running)
         C = cache.kv_lora_rank
         cache.c[:, s, :n] = kv[..., :C]
@@ -272,6 +275,7 @@ def decode_loop(engine: DecodeEngine, inbox: Any, conn: Connection) -> None:
 
 def worker_main(role: str, spec: WorkerSpec, inbox: Any, conn: Connection) -> None:
     """Process entry point: build the model and engine, say ready, then serve until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front end's to handle (graceful shutdown)
     try:
         torch.set_num_threads(spec.threads)
         t0 = time.perf_counter()

@@ -60,7 +60,9 @@ def _group_rank_size(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _local_experts(like: GroupedExperts, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> GroupedExperts:
+def _local_experts(
+    like: GroupedExperts, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
+) -> GroupedExperts:
     """A module of like's class and settings (FP8 experts stay FP8) holding the given stacked weights."""
     local = type(like).__new__(type(like))
     nn.Module.__init__(local)
@@ -104,8 +106,9 @@ class RedundantExpertMoE(MoE):
         self.routed = torch.zeros(self.n_routed_experts, dtype=torch.float64)  # this rank's tokens per expert
 
     def extra_repr(self) -> str:
+        lo = self.ep_rank * self.n_local
         return (
-            f"layer={self.layer}, slots {self.ep_rank * self.n_local}..{(self.ep_rank + 1) * self.n_local - 1}"
+            f"layer={self.layer}, slots {lo}..{lo + self.n_local - 1}"
             f" = experts {self.slot_experts.tolist()}, ep {self.ep_rank}/{self.ep_size}, "
             f"fp8_dispatch={self.fp8_dispatch}, combine_dtype={self.combine_dtype}"
         )
@@ -249,6 +252,7 @@ class ExpertParallelInference:
         self.rank, self.size = _group_rank_size(group)
         self.num_experts = moes[0].n_routed_experts
         self.dtype = model.embed.weight.dtype
+        self.device = model.embed.weight.device  # collectives run on it (NCCL needs CUDA tensors)
         full = [(m.experts.w1.detach(), m.experts.w2.detach(), m.experts.w3.detach()) for m in moes]
         self.full_experts = (
             [tuple(w.to("cpu", copy=True) for w in ws) for ws in full] if keep_full_experts else None
@@ -259,7 +263,7 @@ class ExpertParallelInference:
             _replace_module(model, moe, ep_moe)
             self.layers.append(ep_moe)
         if placement is None:
-            placement = identity_placement(len(moes), self.num_experts, self.size)
+            placement = default_placement(len(moes), self.num_experts, self.size)
         self._check(placement)
         for layer, (w1, w2, w3) in zip(self.layers, full):
             idx = self._my_slots(placement, layer.layer)
@@ -289,7 +293,9 @@ class ExpertParallelInference:
             )
 
     # ------------------------------------------------------------------ placement
-    def set_placement(self, placement: Placement, full_experts: list[tuple[torch.Tensor, ...]] | None = None) -> None:
+    def set_placement(
+        self, placement: Placement, full_experts: list[tuple[torch.Tensor, ...]] | None = None
+    ) -> None:
         """Swap the redundant placement (between steps, same placement on every rank).
 
         Weights come from `full_experts` ([(w1, w2, w3)] per MoE layer, logical [E, ...]) when given, else
@@ -365,7 +371,7 @@ class ExpertParallelInference:
 
         Call after this rank's forwards of a step (or instead of them when it has none)."""
         tag = IDLE_BUSY if has_work else IDLE_DONE
-        zeros = torch.zeros(self.size, dtype=torch.long)
+        zeros = torch.zeros(self.size, dtype=torch.long, device=self.device)
         while True:
             recv, tags = counts_round(zeros, tag, self.group, self.size)
             active = tags[tags >= 0]
@@ -379,10 +385,13 @@ class ExpertParallelInference:
             self.layers[int(active[0])].serve_idle(recv, self.dtype)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the group (in place; returned). A group of one rank returns t."""
-        if self.size > 1:
-            dist.all_reduce(t, group=self.group)
-        return t
+        """Sum over the group, on the model's device; returned on t's device (t itself is unchanged
+        unless it lives there). A group of one rank returns t."""
+        if self.size == 1:
+            return t
+        on_dev = t.to(self.device)
+        dist.all_reduce(on_dev, group=self.group)
+        return on_dev.to(t.device)
 
     def routed_counts(self, reset: bool = True) -> torch.Tensor:
         """This rank's tokens per logical expert [L, E] (float64) since the last reset: for an
@@ -400,11 +409,21 @@ class ExpertParallelInference:
         mine = torch.stack([m.processed.sum() for m in self.layers])  # [L]
         out = torch.zeros(self.size, self.num_layers, dtype=torch.float64)
         out[self.rank] = mine
-        self.all_reduce(out)
+        out = self.all_reduce(out)
         if reset:
             for m in self.layers:
                 m.processed.zero_()
         return out.t().contiguous()
+
+
+def default_placement(num_layers: int, num_experts: int, num_gpus: int) -> Placement:
+    """Identity (expert e on GPU e // (E / G)) when G divides E; else the fewest redundant slots that
+    make the experts split evenly (R = E rounded up to a multiple of G), spread by `rebalance` over a
+    uniform load, so expert-parallel inference runs on any number of ranks."""
+    if num_experts % num_gpus == 0:
+        return identity_placement(num_layers, num_experts, num_gpus)
+    R = -(-num_experts // num_gpus) * num_gpus
+    return rebalance(torch.ones(num_layers, num_experts), R, 1, 1, num_gpus)
 
 
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -428,6 +447,7 @@ def apply_ep_inference(
 
     Call on every rank of `group` (default: the world) with identical models; only this rank's physical
     slots stay in the MoE layers (plus a host copy of all experts with keep_full_experts). placement
-    defaults to the identity (no redundancy). fp8_dispatch / combine_dtype: the paper's FP8 dispatch and
-    BF16 combine on the wire (outputs then differ slightly from the single-process model)."""
+    defaults to `default_placement` (the identity when the ranks divide the experts). fp8_dispatch /
+    combine_dtype: the paper's FP8 dispatch and BF16 combine on the wire (outputs then differ slightly
+    from the single-process model)."""
     return ExpertParallelInference(model, group, placement, keep_full_experts, fp8_dispatch, combine_dtype)

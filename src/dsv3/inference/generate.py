@@ -105,12 +105,40 @@ class ModelRunner:
         view: CacheView,
         last: torch.Tensor,
     ) -> torch.Tensor:
-        """`Transformer.mtp_step` at depth 1 with the head applied at one position per row only."""
+        """`Transformer.mtp_step` at depth 1, computing only what the next draft needs.
+
+        Every position's latent goes into the MTP cache layer (later drafts attend to it), but the rest of
+        the block (query, attention, MoE) and the head run for position last[b] of each row only: the other
+        positions' outputs would be thrown away. Same numbers for that row as the full step."""
         model = self.model
         module = model.mtp[0]
+        block = module.block
+        n = h.shape[0]
+        rows = torch.arange(n, device=h.device)
         with self.no_grad():
-            emb = model.embed(next_ids)
-            cos, sin = model.rope(positions, emb.dtype)
-            h, _ = module(h, emb, cos, sin, view)
-            h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [n, D]
-            return model.head(module.norm(h_last)).float()
+            cos, sin = model.rope(positions, h.dtype)
+            x = module.eh_proj(torch.cat([module.enorm(model.embed(next_ids)), module.hnorm(h)], dim=-1))
+            c, pe = block.attn.latent(block.attn_norm(x), cos, sin)
+            c_all, pe_all = view.update(block.layer_id, c, pe)
+            T = c_all.shape[1]
+            if view.mask is None:  # prefill: causal over the prompt
+                mask = torch.arange(T, device=h.device)[None, :] <= last[:, None]
+            else:
+                mask = view.mask[rows, last]
+            context = _Written(c_all, pe_all, mask.unsqueeze(1))
+            x_last = x[rows, last].unsqueeze(1)  # [n, 1, D]
+            y, _ = block(x_last, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1), context)
+            return model.head(module.norm(y[:, 0])).float()
+
+
+class _Written:
+    """Cache protocol over latents already written: the block's own update for its one query row is
+    the latent `_mtp` just wrote, so it is dropped and the whole context returned."""
+
+    absorb = True
+
+    def __init__(self, c: torch.Tensor, pe: torch.Tensor, mask: torch.Tensor):
+        self.c, self.pe, self.mask = c, pe, mask
+
+    def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.c, self.pe

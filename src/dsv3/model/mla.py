@@ -121,6 +121,11 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         if mask is None and S != T:  # causal with the new tokens last (SDPA's is_causal aligns top-left)
             mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:
+            # CPU SDPA has no fused kernel for q/k and v of different head sizes, and its BF16 fallback is
+            # ~2x slower than FP32 there: attend in FP32 (the attention core in higher precision)
+            q, k, v = q.float(), k.float(), v.float()
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [B, H, S, Dqk]
             k.transpose(1, 2),
@@ -129,7 +134,7 @@ class MLA(nn.Module):
             is_causal=mask is None,
             scale=self.softmax_scale,
         )
-        return o.transpose(1, 2).reshape(B, S, H * self.v_head_dim)
+        return o.to(dtype).transpose(1, 2).reshape(B, S, H * self.v_head_dim)
 
     def attend_absorbed(
         self,

@@ -135,6 +135,8 @@ class GroupedExperts(nn.Module):
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, D] sorted by expert with counts [E] -> expert outputs [rows, D] (not yet gated)."""
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is no autocast op: cast as nn.Linear would
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.device.type == "cpu" and x.shape[0] < self.n_experts and not torch.is_grad_enabled():
             return self._forward_active(x, counts)
         h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts)) * grouped_mm(
@@ -145,13 +147,13 @@ class GroupedExperts(nn.Module):
     def _forward_active(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Decode-sized inputs on CPU (fewer rows than experts): the same per-expert products as
         grouped_mm, for the experts that received rows only (CPU grouped_mm pays per group, empty or not)."""
+        w1, w2, w3 = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
         out = torch.empty_like(x)
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
                 xe = x[start : start + n]
-                h = F.silu(F.linear(xe, self.w1[e].to(x.dtype))) * F.linear(xe, self.w3[e].to(x.dtype))
-                out[start : start + n] = F.linear(h, self.w2[e].to(x.dtype))
+                out[start : start + n] = F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
                 start += n
         return out
 

@@ -118,6 +118,8 @@ class PipelineRuntime:
             for st in stages.values():
                 enable_weight_grad_split(st, self.store)
         self._plans = {False: self._plan(schedule), True: self._plan(schedule.forward_only())}
+        # chunks whose backward is split into I and W: only their forwards record deferrable nodes
+        self._split = {(a.mb, a.stage) for a in schedule.actions[self.rank] if a.kind == "I"}
 
     # ------------------------------------------------------------------ static plan
     def _plan(self, sched: Schedule) -> dict:
@@ -285,7 +287,11 @@ class PipelineRuntime:
                 t.requires_grad_() if self._training and t.is_floating_point() else t
                 for t in inputs[Message("act", mb, s)]
             )
-        out = stage(*args, input_ids=self._ids[mb])
+        self.store.capture = self._training and (mb, s) in self._split
+        try:
+            out = stage(*args, input_ids=self._ids[mb])
+        finally:
+            self.store.capture = True
         if self._training:
             self._inputs[(mb, s)] = args
         if stage.is_last:

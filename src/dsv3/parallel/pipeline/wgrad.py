@@ -9,9 +9,11 @@ that computes and accumulates the weight gradient later.
 `enable_weight_grad_split(module, store)` switches, in place, the bias-free `nn.Linear` layers and the
 `GroupedExperts` (routed experts) of a stage to such layers; parameters, names and forward numerics are
 unchanged (the forward calls the same F.linear / grouped_mm with the same arguments, so losses are
-bit-identical). Everything else (norms, the router, the embedding, attention's softmax) keeps computing
-its small weight gradients inside I. Layers that are not plain `nn.Linear` (e.g. FP8 linears) are left
-alone and compute their weight gradient in I. The store is an object held by the runtime, never a module
+bit-identical). While `store.capture` is off they run plain autograd (less Python on the backward): the
+runtime turns it on only for the forwards whose backward the schedule splits into I and W. Everything else
+(norms, the router, the embedding, attention's softmax) keeps computing its small weight gradients inside
+I. Layers that are not plain `nn.Linear` (e.g. FP8 linears) are left alone and compute their weight
+gradient in I. The store is an object held by the runtime, never a module
 global, so two pipelines can live in one process.
 """
 
@@ -31,6 +33,7 @@ class WeightGradStore:
     """Deferred weight-gradient closures, grouped under a key (the runtime uses (micro-batch, stage))."""
 
     def __init__(self) -> None:
+        self.capture = True  # forwards record deferrable nodes; off = plain autograd (a full B follows)
         self.deferring = False
         self._pending: list[Callable[[], None]] = []
         self._ready: dict[Hashable, list[Callable[[], None]]] = {}
@@ -107,6 +110,8 @@ class SplitLinear(nn.Linear):
     wgrad_store: WeightGradStore
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.wgrad_store.capture:
+            return F.linear(x, self.weight)
         return _LinearFn.apply(x, self.weight, self.wgrad_store)
 
 
@@ -153,6 +158,8 @@ class SplitGroupedExperts(GroupedExperts):
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         s = self.wgrad_store
+        if not s.capture:
+            return super().forward_sorted(x, counts)
         h = F.silu(_GroupedFn.apply(x, self.w1, counts, s)) * _GroupedFn.apply(x, self.w3, counts, s)
         return _GroupedFn.apply(h, self.w2, counts, s)
 
