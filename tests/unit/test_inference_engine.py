@@ -255,10 +255,17 @@ def oracle_drafts(engine, refs, wrong_every):
     engine.runner.mtp_prefill, engine.runner.mtp_decode = mtp_prefill, mtp_decode
 
 
+SPEC_PARAMS = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (9, 4, 7, 12, 5)]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(model):
+    return run_all(Engine(model, max_batch_size=2, max_seq_len=64), PROMPTS, SPEC_PARAMS)
+
+
 @pytest.mark.parametrize("wrong_every, expect", [(10**9, 1.0), (1, 0.0), (3, None)])
-def test_speculative_accept_and_rollback_is_lossless(model, wrong_every, expect):
-    params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (9, 4, 7, 12, 5)]
-    plain = run_all(Engine(model, max_batch_size=2, max_seq_len=64), PROMPTS, params)
+def test_speculative_accept_and_rollback_is_lossless(model, plain_outputs, wrong_every, expect):
+    params, plain = SPEC_PARAMS, plain_outputs
     refs = {str(i): p + o.token_ids for i, (p, o) in enumerate(zip(PROMPTS, plain))}
     engine = Engine(model, max_batch_size=2, max_seq_len=64, speculative=True)
     oracle_drafts(engine, refs, wrong_every)
