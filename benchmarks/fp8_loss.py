@@ -91,7 +91,8 @@ def plot(
             vs, vl = zip(*vals[name])
             ax.plot(vs, vl, "o--", color=colors[name], ms=4, label=f"{name} val")
     ax.set_ylabel("loss (nats)")
-    ax.set_title(f"{ours} vs {base} training (fp8: 1x128 / 128x128 E4M3 GEMMs, emulated on CPU)")
+    note = " (fp8: 1x128 / 128x128 E4M3 GEMMs, emulated on CPU)" if "fp8" in curves else ""
+    ax.set_title(f"{ours} vs {base} training{note}")
     ax.legend()
     ax.grid(alpha=0.3)
     sb, sf = smooth(curves[base], window), smooth(curves[ours], window)
