@@ -98,7 +98,11 @@ class Gate(nn.Module):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert, counts[e] rows for expert e; w [E, K, N] -> [rows, N].
 
-    Uses torch's grouped GEMM where it runs (CPU fp32/bf16, CUDA bf16); else a per-expert loop."""
+    Uses torch's grouped GEMM where it runs (CPU fp32/bf16, CUDA bf16); else a per-expert loop.
+    Autocast does not cover grouped_mm, so under autocast the operands are cast to its dtype here,
+    as autocast does for the dense Linear layers."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     w = w.to(x.dtype)
     if x.shape[0] == 0:
         return x @ w[0]
