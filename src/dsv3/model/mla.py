@@ -121,11 +121,12 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         if mask is None and S != T:  # causal with the new tokens last (SDPA's is_causal aligns top-left)
             mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
-        dtype = q.dtype
-        if q.device.type == "cpu" and dtype != torch.float32:
-            # CPU SDPA has no fused kernel for q/k and v of different head sizes, and its BF16 fallback is
-            # ~2x slower than FP32 there: attend in FP32 (the attention core in higher precision)
-            q, k, v = q.float(), k.float(), v.float()
+        dtype, Dv = q.dtype, self.v_head_dim
+        if q.device.type == "cpu":
+            # CPU SDPA's fused (flash) kernel needs v as wide as q/k, else it falls back to an unfused path
+            # whose BF16 version is slower still: attend in FP32 (the attention core in higher precision)
+            # with v zero-padded to the q/k head size, and drop the padding from the output
+            q, k, v = q.float(), k.float(), F.pad(v.float(), (0, max(q.shape[-1] - Dv, 0)))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [B, H, S, Dqk]
             k.transpose(1, 2),
@@ -134,7 +135,7 @@ class MLA(nn.Module):
             is_causal=mask is None,
             scale=self.softmax_scale,
         )
-        return o.to(dtype).transpose(1, 2).reshape(B, S, H * self.v_head_dim)
+        return o[..., :Dv].to(dtype).transpose(1, 2).reshape(B, S, H * Dv)
 
     def attend_absorbed(
         self,
