@@ -126,8 +126,9 @@ def _compare(res: dict, ref: dict) -> None:
     assert _close(res["norms"], ref["norms"], 1e-4), (res["norms"], ref["norms"])
     assert res["state"].keys() == ref["state"].keys()
     # Adam divides by sqrt(v): entries whose gradient is ~0 turn reduction-order noise into movement, so
-    # parameters are compared to 0.2% of the most any entry can move (lr per step)
-    atol = 2e-3 * 3e-3 * STEPS
+    # parameters are compared to 1% of the most any entry can move (lr per step); a reduction bug moves
+    # entries by O(lr)
+    atol = 1e-2 * 3e-3 * STEPS
     for k, v in ref["state"].items():
         assert res["state"][k].shape == v.shape, k
         assert torch.allclose(res["state"][k], v, rtol=0, atol=atol), (k, (res["state"][k] - v).abs().max())

@@ -20,8 +20,16 @@ def _grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
     return 2 * x_shape[0] * x_shape[1] * w_shape[-1]  # x [rows, K] @ w[e] [K, N], each row once
 
 
-def _count(fn):
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops})
+def _count(fn, v_head_dim=None):
+    mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    if v_head_dim is not None:
+        # CPU SDPA's fused kernel: the model pads v to the q/k head size for it, so count the real v width
+        def sdpa_flops(q, k, v, *args, out_shape=None, **kwargs):
+            B, H, S, D = q
+            return 2 * B * H * S * k[2] * (D + v_head_dim)
+
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter, torch.no_grad():
         fn()
     return {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
@@ -40,9 +48,10 @@ def test_forward_flops_match_flop_counter(variant):
     model = Transformer(cfg)
     B, T = 2, 12
     ids = torch.randint(0, cfg.vocab_size, (B, T))
-    counts = _count(lambda: model(ids, with_mtp=cfg.num_nextn_predict_layers > 0))
+    counts = _count(lambda: model(ids, with_mtp=cfg.num_nextn_predict_layers > 0), cfg.v_head_dim)
     # torch counts the full (non-causal) S x S attention; the planner counts the causal half (T+1)/2
-    attn = counts.pop("aten.bmm") * (T + 1) / (2 * T)
+    key = "aten._scaled_dot_product_flash_attention_for_cpu" if "aten.bmm" not in counts else "aten.bmm"
+    attn = counts.pop(key) * (T + 1) / (2 * T)
     f = forward_flops(cfg, T)
     assert sum(counts.values()) + attn == pytest.approx(f.total * B * T, rel=1e-12)
     assert f.attention == attention_flops_per_key(cfg) * (T + 1) / 2 * cfg.num_hidden_layers
