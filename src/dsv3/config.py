@@ -365,6 +365,7 @@ class TrainConfig:
     balance_loss: str = "seq"
     balance_alpha: float | None = None
     fim_rate: float = 0.1
+    dropout: float = 0.0  # residual dropout on attention/FFN outputs (DeepSeek-V3: none; tiny data: some)
     val_frac: float = 0.1
     eval_every: int = 100  # steps; 0 = only at the end
     eval_batches: int = 8  # batches per periodic eval; the final eval covers the whole split
@@ -413,6 +414,7 @@ class TrainConfig:
             "mtp_switch_frac",
             "bias_update_off_frac",
             "fim_rate",
+            "dropout",
         ):
             v = getattr(self, name)
             _check(isinstance(v, int | float) and 0 <= v <= 1, name, f"must be in [0, 1], got {v!r}")

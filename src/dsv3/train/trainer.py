@@ -45,6 +45,7 @@ from dsv3.train.data import (
 from dsv3.train.evaluate import autocast_context, evaluate, sample_text
 from dsv3.train.metrics import MetricsLog
 from dsv3.train.optim import AdamW, clip_grads, grad_norm, param_groups, set_lr
+from dsv3.train.regularize import add_residual_dropout
 from dsv3.train.schedule import batch_size_at, bias_update_speed_at, lr_at, mtp_weight_at
 from dsv3.train.tokenizer import Tokenizer
 
@@ -120,7 +121,8 @@ class Trainer:
         self.build_data()
         self.model = self.build_model()
         self.optimizer = self.build_optimizer()
-        self._loss_fn = torch.compile(self.forward_loss) if self.cfg.compile else self.forward_loss
+        self._compiled: Any = None
+        self._loss_fn = self.compiled_loss if self.cfg.compile else self.forward_loss
         if resume:
             self.load_checkpoint()
 
@@ -219,6 +221,7 @@ class Trainer:
                     "--fp8 needs dsv3.fp8.convert_to_fp8, which this build does not have"
                 ) from None
             model = convert_to_fp8(model) or model
+        add_residual_dropout(model, self.cfg.dropout)
         return model.to(self.device).train()
 
     def build_optimizer(self) -> AdamW:
@@ -252,12 +255,32 @@ class Trainer:
         return self.model_config.aux_loss_alpha if a is None else a
 
     def forward_loss(
-        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float
+        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float | torch.Tensor
     ) -> tuple[Any, list[torch.Tensor]]:
         with autocast_context(self.dtype, self.device):
             out = self.model(x)
             losses = lm_loss(out, y, mtp_weight, self.balance_alpha, self.cfg.balance_loss)
         return losses, [s.counts for s in out.router_stats]
+
+    def compiled_loss(
+        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float | torch.Tensor
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """forward_loss through torch.compile; if compiling fails (no C++ compiler, an unsupported op), say
+        so once and train eagerly. The MTP weight goes in as a tensor so its switch does not recompile."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.forward_loss)
+        try:
+            return self._compiled(x, y, torch.tensor(mtp_weight))
+        except Exception as e:  # compilation happens inside the first calls: fall back, do not crash the run
+            if getattr(self, "_compile_ok", False):
+                raise
+            self.log(
+                f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager"
+            )
+            self._loss_fn = self.forward_loss
+            return self.forward_loss(x, y, mtp_weight)
+        finally:
+            self._compile_ok = self._loss_fn is self.compiled_loss
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step at self.step: returns its metrics record (a "skip" record if non-finite)."""
