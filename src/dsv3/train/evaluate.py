@@ -38,13 +38,18 @@ def evaluate(
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Mean CE (nats/token) and bits per byte over validation windows [n, T+1] (first max_batches)."""
+    """Mean CE (nats/token) and bits per byte over validation windows [n, T+1] (all, or max_batches
+    batches of windows spread evenly over the split)."""
     was_training = model.training
     model.eval()
     lengths = torch.as_tensor(np.asarray(token_bytes, dtype=np.int64))
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    if max_batches and max_batches * batch_size < len(windows):
+        # a subset spread evenly over the whole split, so periodic estimates are not biased to its start
+        pick = np.linspace(0, len(windows) - 1, max_batches * batch_size).round().astype(np.int64)
+        windows = windows[np.unique(pick)]
     try:
-        n = len(windows) if not max_batches else min(len(windows), max_batches * batch_size)
+        n = len(windows)
         for i in range(0, n, batch_size):
             w = torch.from_numpy(windows[i : min(i + batch_size, n)]).to(device)
             x, y = w[:, :-1], w[:, 1:]

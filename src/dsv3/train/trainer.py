@@ -357,7 +357,8 @@ class Trainer:
             max_batches=max_batches,
             device=self.device,
         )
-        return {"type": "eval", "step": self.step, **r, "full": not max_batches}
+        full = not max_batches or max_batches * self.cfg.batch_size >= len(self.val_windows)
+        return {"type": "eval", "step": self.step, **r, "full": full}
 
     def train_state(self) -> dict[str, Any]:
         return {
