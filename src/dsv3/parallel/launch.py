@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -80,6 +81,19 @@ def init_distributed(timeout_s: float = 120.0, backend: str | None = None) -> Di
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return env
+
+
+def shutdown_distributed(synchronize: bool = True) -> None:
+    """Leave the process group: a barrier first (no rank tears gloo down while a peer is still inside a
+    collective, which can abort the peer with SIGABRT at exit), then destroy every group.
+
+    synchronize=False after a failure, when a peer may be gone and the barrier would only wait."""
+    if not dist.is_initialized():
+        return
+    if synchronize:
+        with contextlib.suppress(Exception):  # a peer already left: nothing to wait for
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -173,18 +187,19 @@ def _worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    ok = False
     try:
         init_distributed(timeout_s=timeout_s, backend="gloo")
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        ok = True
     except BaseException:
         import traceback
 
         (Path(out_dir) / f"rank{rank}.err").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(synchronize=ok)
 
 
 def _failure_report(out_dir: str, nproc: int, fallback: str) -> str:
@@ -279,12 +294,12 @@ def _call_main(argv: list[str]) -> int:
     module, _, name = argv[0].partition(":")
     fn = getattr(importlib.import_module(module), name)
     payload = pickle.loads(Path(argv[1]).read_bytes())
+    rc = 1
     try:
         rc = int(fn(payload) or 0)
     except ValueError as e:
         print(f"dsv3 (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr)
         rc = 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(synchronize=rc == 0)
     return rc

@@ -42,7 +42,7 @@ from dsv3.parallel import (
     save_sharded,
 )
 from dsv3.parallel.data_parallel import ShardedOptimizer
-from dsv3.parallel.launch import spawn_call
+from dsv3.parallel.launch import shutdown_distributed, spawn_call
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.trainer import Trainer
 
@@ -102,14 +102,9 @@ def make_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | 
         return Trainer(model_cfg, train_cfg, run_dir, **kw)
     pc = parallel_config(train_cfg, env.world_size, model_cfg)
     if init_distributed(timeout_s=pc.timeout_s) is not None:
-        atexit.register(_shutdown)  # torchrun ranks: leave the process group cleanly at exit
+        atexit.register(shutdown_distributed)  # torchrun ranks: leave the process group cleanly at exit
     device = f"cuda:{env.local_rank}" if dist.get_backend() == "nccl" else "cpu"
     return ParallelTrainer(model_cfg, train_cfg, run_dir, mesh=build_mesh(pc), device=device, **kw)
-
-
-def _shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class ParallelTrainer(Trainer):
