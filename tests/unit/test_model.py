@@ -149,6 +149,37 @@ def test_grouped_experts_match_a_loop():
     torch.testing.assert_close(ex(x, w, idx), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_padded_experts_equal_grouped_mm_with_gradients(monkeypatch):
+    """The CPU padded-bmm layout gives the grouped GEMM's outputs and gradients; skewed routing (padding
+    over 2x the rows) falls back to grouped_mm."""
+    from dsv3.model import moe
+
+    torch.manual_seed(0)
+    E, D, inter, N, K = 6, 16, 8, 40, 2
+    ex = GroupedExperts(E, D, inter)
+    for p in ex.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(N, D, requires_grad=True)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    w = torch.rand(N, K)
+    counts = moe.expert_counts(idx.reshape(-1), E)
+    assert moe.padded_slots(counts, N * K) is not None  # balanced enough: the padded path runs
+    skewed = torch.tensor([N * K - E + 1] + [1] * (E - 1))
+    assert moe.padded_slots(skewed, N * K) is None
+
+    def run():
+        out = ex(x, w, idx)
+        grads = torch.autograd.grad(out.square().sum(), [x, *ex.parameters()])
+        return out, grads
+
+    padded, g_padded = run()
+    monkeypatch.setattr(moe, "padded_slots", lambda *a, **k: None)
+    grouped, g_grouped = run()
+    torch.testing.assert_close(padded, grouped, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_padded, g_grouped, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_671b_parameter_counts():
     """REFERENCE.md: 671B total, 37B activated per token (main model, MTP excluded)."""
     cfg = ModelConfig.from_preset("deepseek-v3-671b")
