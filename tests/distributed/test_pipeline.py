@@ -23,6 +23,7 @@ from dsv3.parallel.pipeline import (
     sequential_step,
     sync_expert_counts,
     sync_replicated_grads,
+    threaded_overlap,
 )
 
 SEQ = 8
@@ -175,7 +176,7 @@ def test_overlap_hook_runs_fb_pairs_as_one_unit_and_errors_are_clear():
 
 
 # ---------------------------------------------------------------------- with expert parallelism
-def _pp_ep_worker(rank: int, world: int, name: str, n: int) -> dict:
+def _pp_ep_worker(rank: int, world: int, name: str, n: int, threaded: bool = False) -> dict:
     from dsv3.parallel import ParallelConfig, build_mesh, parallelize
 
     mesh = build_mesh(ParallelConfig(pp=2, ep=2))
@@ -191,10 +192,23 @@ def _pp_ep_worker(rank: int, world: int, name: str, n: int) -> dict:
     stages = build_stages(model, sched.stages_of(pp_rank), sched.num_stages)
     for st in stages.values():
         parallelize(st, mesh=mesh)
-    rt = PipelineRuntime(sched, stages, group=mesh.pp_group, loss_fn=LOSS)
+    threads: set = set()
+
+    def overlap(run_forward, run_backward):  # threaded_overlap, noting the thread each half ran on
+        import threading
+
+        def fwd():
+            threads.add(threading.current_thread().name)
+            run_forward()
+
+        threaded_overlap(fwd, run_backward)
+
+    kw = {"overlap": overlap} if threaded else {}
+    rt = PipelineRuntime(sched, stages, group=mesh.pp_group, loss_fn=LOSS, **kw)
     res = rt.step(ids[mine], labels[mine])
     want = sequential_step(ref, ids[mine], labels[mine], n, LOSS)
-    return {"got": res.losses, "want": want.losses}
+    grads = {k: p.grad for st in stages.values() for k, p in st.named_parameters() if p.grad is not None}
+    return {"got": res.losses, "want": want.losses, "threads": threads, "grads": grads}
 
 
 @pytest.mark.parametrize("name,n", [("dualpipe", 4), ("dualpipev", 5)])
@@ -202,3 +216,18 @@ def test_pipeline_with_expert_parallel_matches_single_process(name, n):
     out = run_local(_pp_ep_worker, 4, (name, n), timeout_s=180)
     for o in out:
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-5, atol=1e-6)
+
+
+def test_threaded_fb_overlap_with_expert_parallel_is_exact():
+    """DualPipe's F&B pairs with the forward on a second thread (its expert all-to-alls on the EP group,
+    the backward's on the twin group): the same losses as the single process, and the very gradients of
+    the sequential hook."""
+    seq = run_local(_pp_ep_worker, 4, ("dualpipe", 4), timeout_s=180)
+    out = run_local(_pp_ep_worker, 4, ("dualpipe", 4, True), timeout_s=180)
+    for o, s in zip(out, seq, strict=True):
+        assert o["threads"] == {"dsv3-fb-forward"}  # every rank ran FB pairs, forwards on the helper
+        torch.testing.assert_close(o["got"], o["want"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(o["got"], s["got"])
+        assert o["grads"].keys() == s["grads"].keys()
+        for k, g in o["grads"].items():
+            assert torch.equal(g, s["grads"][k]), k

@@ -62,9 +62,9 @@ def _exchange(
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, pending, wire_dtype):  # type: ignore[override]
+    def forward(ctx, x, out_splits, in_splits, group, pending, wire_dtype, grad_group):  # type: ignore[override]
         ctx.splits = (out_splits, in_splits)
-        ctx.group = group
+        ctx.group = group if grad_group is None else grad_group
         ctx.dtype = x.dtype
         ctx.wire_dtype = wire_dtype
         send = x if wire_dtype is None else x.to(wire_dtype)
@@ -80,7 +80,7 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         send = grad if ctx.wire_dtype is None else grad.to(ctx.wire_dtype)
         g = _exchange(send, in_splits, out_splits, ctx.group, None).to(ctx.dtype)
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
 def all_to_all(
@@ -90,11 +90,16 @@ def all_to_all(
     group: Any,
     pending: Pending | None = None,
     wire_dtype: torch.dtype | None = None,
+    grad_group: Any = None,
 ) -> torch.Tensor:
-    """Differentiable uneven all_to_all_single along dim 0 (wire_dtype: cast for the transfer only)."""
+    """Differentiable uneven all_to_all_single along dim 0 (wire_dtype: cast for the transfer only).
+
+    grad_group: the communicator of the backward exchange (default `group`). A second communicator over
+    the same ranks lets one thread run a forward's exchanges while another runs a backward's: each
+    communicator then sees its collectives in the same order on every rank."""
     if sum(in_splits) != x.shape[0]:
         raise ValueError(f"all_to_all: in_splits sum to {sum(in_splits)} but x has {x.shape[0]} rows")
-    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, pending, wire_dtype)
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, pending, wire_dtype, grad_group)
 
 
 # --------------------------------------------------------------------------- FP8 wire format

@@ -90,8 +90,8 @@ class _DispatchGrad(torch.autograd.Function):
     dequantised if FP8. Backward: reverse exchanges of both gradients, always in the same order."""
 
     @staticmethod
-    def forward(ctx, x_pairs, w_pairs, x_raw, w_raw, splits, group, grad_dtype, fp8_dim):  # type: ignore[override]
-        ctx.splits, ctx.group, ctx.grad_dtype = splits, group, grad_dtype
+    def forward(ctx, x_pairs, w_pairs, x_raw, w_raw, splits, grad_group, grad_dtype, fp8_dim):  # type: ignore[override]
+        ctx.splits, ctx.group, ctx.grad_dtype = splits, grad_group, grad_dtype
         ctx.x_dtype, ctx.w_dtype = x_pairs.dtype, w_pairs.dtype
         x_recv = dequantize_rows_fp8(x_raw, fp8_dim, x_pairs.dtype) if fp8_dim else x_raw.to(x_pairs.dtype)
         return x_recv, w_raw.clone()
@@ -122,6 +122,8 @@ class ExpertParallelMoE(MoE):
         self.ep_size = pc.ep
         self.ep_rank = mesh.ep_rank
         self.group = mesh.ep_group
+        # the backward's exchanges on their own communicator (see `threaded_overlap`)
+        self.grad_group = mesh.ep_grad_group if mesh.ep_grad_group is not None else mesh.ep_group
         self.nodes = pc.nodes
         self.node_limit = pc.node_limit
         self.fp8_dispatch = pc.fp8_dispatch
@@ -209,7 +211,7 @@ class ExpertParallelMoE(MoE):
             self.timings = {"dispatch_issue_s": t1 - t0, "shared_s": t2 - t1, "dispatch_wait_s": t3 - t2}
         grad_dtype = self.comm_dtype
         x_recv, w_recv = _DispatchGrad.apply(
-            x_pairs, w_pairs, x_raw, w_raw, splits, group, grad_dtype, D if self.fp8_dispatch else 0
+            x_pairs, w_pairs, x_raw, w_raw, splits, self.grad_group, grad_dtype, D if self.fp8_dispatch else 0
         )
         # local experts: (row, choice) pairs sorted by local expert, grouped GEMMs, weighted sum per row
         valid = ids >= 0
@@ -224,7 +226,9 @@ class ExpertParallelMoE(MoE):
         self.last_load = {"sent_rows": send.detach(), "recv_rows": recv.detach(), "local_expert_rows": counts}
         # combine: back to the source ranks, one row per pair, summed per token
         if ep > 1:
-            y_pairs = all_to_all(y_recv, in_splits, out_splits, group, wire_dtype=self.comm_dtype)
+            y_pairs = all_to_all(
+                y_recv, in_splits, out_splits, group, wire_dtype=self.comm_dtype, grad_group=self.grad_group
+            )
         else:
             y_pairs = y_recv
         y = torch.zeros(N, D, dtype=x.dtype, device=x.device).index_add_(0, pair_t, y_pairs.to(x.dtype))

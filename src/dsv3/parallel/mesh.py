@@ -129,6 +129,7 @@ class Mesh:
     dp_rank: int = 0
     ep_rank: int = 0
     ep_group: Any = None  # ranks sharing one token exchange (hold disjoint experts)
+    ep_grad_group: Any = None  # the same ranks, a second communicator: the backward's exchanges
     dp_group: Any = None  # replicas of this rank's expert shard
     data_group: Any = None  # all dp * ep ranks of this pipeline stage (dense gradients)
     pp_group: Any = None  # one rank per stage: the pipeline
@@ -222,9 +223,10 @@ def build_mesh(config: ParallelConfig) -> Mesh:
 
     for p in range(P):
         for d in range(D):
-            g = make([rank_of(config, p, d, e) for e in range(E)])
+            ranks = [rank_of(config, p, d, e) for e in range(E)]
+            g, g_grad = make(ranks), make(ranks) if E > 1 else None
             if (p, d) == (pp_rank, dp_rank):
-                mesh.ep_group = g
+                mesh.ep_group, mesh.ep_grad_group = g, g_grad
     for p in range(P):
         for e in range(E):
             g = make([rank_of(config, p, d, e) for d in range(D)])

@@ -3,7 +3,7 @@
 schedule = make_schedule("dualpipe", pp=4, num_microbatches=8)      # the one source of truth
 simulate(schedule, Durations(F=1, B=2, W=1, FB=3)).bubble            # per-rank bubbles, Table 2
 stages = build_stages(model, schedule.stages_of(rank), schedule.num_stages)
-runtime = PipelineRuntime(schedule, stages, group=pp_group, loss_fn=...)
+runtime = PipelineRuntime(schedule, stages, group=pp_group, loss_fn=..., overlap=threaded_overlap)
 result = runtime.step(input_ids, labels)                             # exact losses vs sequential_step
 sync_replicated_grads(stages, pp_group)                              # DualPipe's two copies, shared embed
 """
@@ -13,6 +13,7 @@ from dsv3.parallel.pipeline.runtime import (
     sequential_overlap,
     sync_expert_counts,
     sync_replicated_grads,
+    threaded_overlap,
 )
 from dsv3.parallel.pipeline.schedule import SCHEDULES, Action, Message, Schedule, make_schedule, table_bubble
 from dsv3.parallel.pipeline.simulator import Durations, SimResult, plot_timeline, simulate
@@ -49,4 +50,5 @@ __all__ = [
     "sync_expert_counts",
     "sync_replicated_grads",
     "table_bubble",
+    "threaded_overlap",
 ]

@@ -17,9 +17,12 @@ Backward: B runs the full backward of a chunk; I runs it with the weight gradien
 queued in the runtime's `WeightGradStore` (wgrad.py) under (micro-batch, stage); W runs that queue.
 FB runs a forward and a full backward as one unit through the `overlap` hook, which gets two thunks
 (their inputs already received, their outputs sent after both return) and decides how to interleave them.
-The default runs the forward, then the backward: on a CPU there is nothing to overlap with. The hook is
-the seam for DeepSeek's overlap (on a GPU: the all-to-all of one micro-batch on its own stream while the
-other computes), which needs the MoE layer split into dispatch / compute / combine phases.
+`sequential_overlap` (the default) runs the forward, then the backward. `threaded_overlap` is DeepSeek's
+overlap: the forward runs on a second thread while this one runs the backward, so while one of them
+waits in an expert all-to-all (dispatch or combine of its micro-batch) the other computes. The two
+threads' collectives go to two communicators over the same EP ranks (the backward's exchanges use
+`Mesh.ep_grad_group`), so each communicator sees its collectives in the same order on every rank. The
+arithmetic of each micro-batch is unchanged: losses are bit-identical to the sequential hook's.
 
 Losses: the rank holding a micro-batch's last stage fills its row of the [N, 4] loss table; a sum
 all-reduce over the group (every other rank contributes zeros, which adds exactly) gives every rank the
@@ -28,9 +31,10 @@ table, and the step loss is `combine_losses(table)` as in `sequential_step`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -53,6 +57,37 @@ def sequential_overlap(run_forward: Callable[[], None], run_backward: Callable[[
     """The default FB hook: the forward, then the backward."""
     run_forward()
     run_backward()
+
+
+def threaded_overlap(run_forward: Callable[[], None], run_backward: Callable[[], None]) -> None:
+    """The overlapping FB hook: the forward on a helper thread, the backward here, then join.
+
+    The forward thread gets this thread's grad mode and autocast state (both are thread-local). An
+    exception on either side is raised here after both have finished."""
+    grad = torch.is_grad_enabled()
+    casts = [
+        (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
+    ]
+    errors: list[BaseException] = []
+
+    def forward() -> None:
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(torch.set_grad_enabled(grad))
+                for dev, dtype in casts:
+                    stack.enter_context(torch.autocast(dev, dtype=dtype))
+                run_forward()
+        except BaseException as e:  # re-raised on the calling thread
+            errors.append(e)
+
+    t = threading.Thread(target=forward, name="dsv3-fb-forward", daemon=True)
+    t.start()
+    try:
+        run_backward()
+    finally:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 class _Inbox:
