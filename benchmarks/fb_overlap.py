@@ -33,7 +33,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from dsv3.config import ModelConfig
 from dsv3.model import Transformer, lm_loss
 from dsv3.parallel import ParallelConfig, build_mesh, parallelize, run_local
 from dsv3.parallel.pipeline import (
@@ -43,6 +42,7 @@ from dsv3.parallel.pipeline import (
     sequential_overlap,
     threaded_overlap,
 )
+from pipeline import model_config  # benchmarks/pipeline.py (this script's folder is on sys.path)
 
 
 class _CommClock:
@@ -70,19 +70,8 @@ class _CommClock:
 def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     mesh = build_mesh(ParallelConfig(pp=2, ep=2))
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("debug").replace(
-        num_hidden_layers=args.layers,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        moe_intermediate_size=args.hidden // 2,
-        q_lora_rank=args.hidden // 2,
-        kv_lora_rank=args.hidden // 2,
-        num_attention_heads=4,
-        n_routed_experts=16,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=4,
-    )
+    # the pipeline benchmark's model (no MTP), with V3-style routing: 16 experts in 4 groups, top-4
+    cfg = model_config(args).replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     model = Transformer(cfg)
     n = args.microbatches
     g = torch.Generator().manual_seed(1 + mesh.ep_rank)  # each EP rank its own tokens

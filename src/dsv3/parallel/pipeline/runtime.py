@@ -63,7 +63,9 @@ def threaded_overlap(run_forward: Callable[[], None], run_backward: Callable[[],
     """The overlapping FB hook: the forward on a helper thread, the backward here, then join.
 
     The forward thread gets this thread's grad mode and autocast state (both are thread-local). An
-    exception on either side is raised here after both have finished."""
+    exception on either side is raised here after both have finished. Stages with expert parallelism
+    must come from `build_mesh` (it creates `ep_grad_group`): with one communicator for both threads the
+    ranks could issue their collectives in different orders."""
     grad = torch.is_grad_enabled()
     casts = [
         (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
