@@ -151,7 +151,7 @@ def test_grouped_experts_match_a_loop():
 
 def test_padded_experts_equal_grouped_mm_with_gradients(monkeypatch):
     """The CPU padded-bmm layout gives the grouped GEMM's outputs and gradients; skewed routing (padding
-    over 2x the rows) falls back to grouped_mm."""
+    over 2x the rows) falls back to grouped_mm unless the padded layout is small."""
     from dsv3.model import moe
 
     torch.manual_seed(0)
@@ -165,7 +165,8 @@ def test_padded_experts_equal_grouped_mm_with_gradients(monkeypatch):
     counts = moe.expert_counts(idx.reshape(-1), E)
     assert moe.padded_slots(counts, N * K) is not None  # balanced enough: the padded path runs
     skewed = torch.tensor([N * K - E + 1] + [1] * (E - 1))
-    assert moe.padded_slots(skewed, N * K) is None
+    assert moe.padded_slots(skewed, N * K, small=0) is None  # padding > 2x the rows
+    assert moe.padded_slots(skewed, N * K) is not None  # ... but a small layout pads anyway
 
     def run():
         out = ex(x, w, idx)

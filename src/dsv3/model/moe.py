@@ -12,7 +12,9 @@ Routing (per token, affinities s over the E routed experts):
   routed_scaling_factor.
 
 Experts run as grouped GEMMs over tokens sorted by expert (no Python loop over experts on the hot
-path). `GroupedExperts.forward_sorted` is the seam expert parallelism reuses after its all-to-all.
+path); on CPU, when routing is balanced enough, as one batched GEMM over an [E, cap, D] zero-padded
+layout instead (`padded_slots`), which runs near the matmul peak where CPU grouped_mm does not.
+`GroupedExperts.forward_sorted` is the seam expert parallelism reuses after its all-to-all.
 """
 
 from __future__ import annotations
@@ -129,12 +131,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat(out)
 
 
-def padded_slots(counts: torch.Tensor, rows: int, max_waste: float = 2.0) -> tuple[torch.Tensor, int] | None:
+def padded_slots(
+    counts: torch.Tensor, rows: int, max_waste: float = 2.0, small: int = 1024
+) -> tuple[torch.Tensor, int] | None:
     """For rows sorted by expert (counts [E]): each row's slot in an [E, cap] padded layout, cap = the
-    largest count; None when padding would multiply the rows by more than max_waste (skewed routing)."""
+    largest count; None when padding would multiply the rows by more than max_waste (skewed routing),
+    unless the padded layout is small (<= `small` rows: per-call overhead, not FLOPs, decides there)."""
     E = counts.numel()
     cap = int(counts.max()) if rows else 0
-    if rows == 0 or E * cap > max_waste * rows:
+    if rows == 0 or E * cap > max(max_waste * rows, small):
         return None
     expert = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=rows)
     start = counts.cumsum(0) - counts
