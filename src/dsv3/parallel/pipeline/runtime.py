@@ -62,11 +62,12 @@ def sequential_overlap(run_forward: Callable[[], None], run_backward: Callable[[
 def threaded_overlap(run_forward: Callable[[], None], run_backward: Callable[[], None]) -> None:
     """The overlapping FB hook: the forward on a helper thread, the backward here, then join.
 
-    The forward thread gets this thread's grad mode and autocast state (both are thread-local). An
+    The forward thread gets this thread's grad mode, autocast state and CUDA device (all thread-local). An
     exception on either side is raised here after both have finished. Stages with expert parallelism
     must come from `build_mesh` (it creates `ep_grad_group`): with one communicator for both threads the
     ranks could issue their collectives in different orders."""
     grad = torch.is_grad_enabled()
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
     casts = [
         (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
     ]
@@ -74,6 +75,8 @@ def threaded_overlap(run_forward: Callable[[], None], run_backward: Callable[[],
 
     def forward() -> None:
         try:
+            if cuda_device is not None:  # the current device is per thread too
+                torch.cuda.set_device(cuda_device)
             with ExitStack() as stack:
                 stack.enter_context(torch.set_grad_enabled(grad))
                 for dev, dtype in casts:
