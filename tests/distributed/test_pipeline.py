@@ -218,12 +218,13 @@ def test_pipeline_with_expert_parallel_matches_single_process(name, n):
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-5, atol=1e-6)
 
 
-def test_threaded_fb_overlap_with_expert_parallel_is_exact():
-    """DualPipe's F&B pairs with the forward on a second thread (its expert all-to-alls on the EP group,
-    the backward's on the twin group): the same losses as the single process, and the very gradients of
-    the sequential hook."""
-    seq = run_local(_pp_ep_worker, 4, ("dualpipe", 4), timeout_s=180)
-    out = run_local(_pp_ep_worker, 4, ("dualpipe", 4, True), timeout_s=180)
+@pytest.mark.parametrize("name,n", [("dualpipe", 4), ("dualpipev", 4)])
+def test_threaded_fb_overlap_with_expert_parallel_is_exact(name, n):
+    """F&B pairs with the forward on a second thread (its expert all-to-alls on the EP group, the
+    backward's on the twin group): the same losses as the single process, and the very gradients of the
+    sequential hook."""
+    seq = run_local(_pp_ep_worker, 4, (name, n), timeout_s=180)
+    out = run_local(_pp_ep_worker, 4, (name, n, True), timeout_s=180)
     for o, s in zip(out, seq, strict=True):
         assert o["threads"] == {"dsv3-fb-forward"}  # every rank ran FB pairs, forwards on the helper
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-5, atol=1e-6)
