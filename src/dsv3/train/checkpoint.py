@@ -1,6 +1,6 @@
 """Native training checkpoints: atomic, checksummed, the last N kept.
 
-Layout: RUN_DIR/checkpoints/step_XXXXXXXX/ with
+Layout: RUN_DIR/checkpoints/step_NNNNNNNN (8-digit step)/ with
   model.safetensors   every parameter and buffer (the balance biases included)
   train_state.pt      optimizer, schedule position, data position, RNG states, configs
   manifest.json       format, step, and each file's byte size and SHA-256; written last
