@@ -97,11 +97,17 @@ class Gate(nn.Module):
         return weights, indices, scores
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+PaddedLayout = tuple[torch.Tensor, int]  # (slot of each sorted row in [E * cap], cap)
+
+
+def grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, layout: PaddedLayout | None | str = "auto"
+) -> torch.Tensor:
     """Rows of x sorted by expert, counts[e] rows for expert e; w [E, K, N] -> [rows, N].
 
-    CPU: a padded batched GEMM when routing is balanced enough (`padded_slots`); else torch's grouped
-    GEMM where it runs (CPU fp32/bf16, CUDA bf16); else a per-expert loop.
+    CPU: a padded batched GEMM when routing is balanced enough (`padded_slots`; pass its result as
+    `layout` when several products share the counts, None to skip it); else torch's grouped GEMM where
+    it runs (CPU fp32/bf16, CUDA bf16); else a per-expert loop.
     Autocast does not cover grouped_mm, so under autocast the operands are cast to its dtype here,
     as autocast does for the dense Linear layers."""
     if torch.is_autocast_enabled(x.device.type):
@@ -113,11 +119,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16))
         or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
     )
-    if x.device.type == "cpu" and (slots := padded_slots(counts, x.shape[0])) is not None:
+    if layout == "auto":
+        layout = padded_slots(counts, x.shape[0]) if x.device.type == "cpu" else None
+    if isinstance(layout, tuple):
         # CPU: one batched GEMM over [E, cap, K], each expert's rows zero-padded to the largest count.
         # It runs near the matmul peak where CPU grouped_mm pays per group (about 4x slower at E=16);
         # padding rows are zeros in and never read out, so they get no gradient.
-        slot, cap = slots
+        slot, cap = layout
         E = w.shape[0]
         xp = x.new_zeros(E * cap, x.shape[1]).index_copy(0, slot, x).view(E, cap, -1)
         return torch.bmm(xp, w).view(E * cap, -1).index_select(0, slot)
@@ -133,7 +141,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 def padded_slots(
     counts: torch.Tensor, rows: int, max_waste: float = 2.0, small: int = 1024
-) -> tuple[torch.Tensor, int] | None:
+) -> PaddedLayout | None:
     """For rows sorted by expert (counts [E]): each row's slot in an [E, cap] padded layout, cap = the
     largest count; None when padding would multiply the rows by more than max_waste (skewed routing),
     unless the padded layout is small (<= `small` rows: per-call overhead, not FLOPs, decides there)."""
@@ -169,10 +177,18 @@ class GroupedExperts(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.device.type == "cpu" and x.shape[0] < self.n_experts and not torch.is_grad_enabled():
             return self._forward_active(x, counts)
-        h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts)) * grouped_mm(
-            x, self.w3.transpose(1, 2), counts
+        layout = padded_slots(counts, x.shape[0]) if x.device.type == "cpu" else None
+        if layout is not None:  # pad once, run the whole SwiGLU on [E, cap, .], unpad once
+            slot, cap = layout
+            E = self.n_experts
+            w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
+            xp = x.new_zeros(E * cap, x.shape[1]).index_copy(0, slot, x).view(E, cap, -1)
+            h = F.silu(torch.bmm(xp, w1)) * torch.bmm(xp, w3)
+            return torch.bmm(h, w2).view(E * cap, -1).index_select(0, slot)
+        h = F.silu(grouped_mm(x, self.w1.transpose(1, 2), counts, None)) * grouped_mm(
+            x, self.w3.transpose(1, 2), counts, None
         )
-        return grouped_mm(h, self.w2.transpose(1, 2), counts)
+        return grouped_mm(h, self.w2.transpose(1, 2), counts, None)
 
     def _forward_active(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Decode-sized inputs on CPU (fewer rows than experts): the same per-expert products as
