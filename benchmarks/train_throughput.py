@@ -28,6 +28,7 @@ import torch
 
 from dsv3 import ModelConfig, Transformer, lm_loss
 from dsv3.checkpoint import save_pretrained
+from dsv3.runtime import tune_malloc
 from dsv3.train.balance import update_balance_bias
 from dsv3.train.optim import AdamW, param_groups
 
@@ -123,8 +124,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="eager settings only (no torch.compile)")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's thresholds alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # process-wide, so both sides run with it (as under `dsv3 train`); see dsv3.runtime
+    malloc_tuned = False if args.default_malloc else tune_malloc()
     warnings.filterwarnings("ignore")
     import transformers
 
@@ -166,6 +170,7 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "threads": args.threads,
+        "malloc_tuned": malloc_tuned,
         "ours_setting": ours_mode,
         "baseline_setting": hf_mode,
         "initial_loss_ours": round(l_ours, 5),

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from dsv3.runtime import tune_malloc
+
 # name -> (module, one-line help). Modules are imported only when their subcommand runs (or for --help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dsv3.train.cli", "train a model (single process, --nproc N, or under torchrun)"),
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
+    tune_malloc()  # warm-page reuse for multi-MiB CPU tensors (dsv3.runtime); no numbers change
     try:
         return int(args._run(args) or 0)
     except ValueError as e:  # bad input: a clear message, no traceback

@@ -13,17 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.loss import cross_entropy
 from dsv3.model.mla import MLA, LatentCache
 from dsv3.model.moe import MoE, RouterStats
 from dsv3.model.mtp import MTPModule
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
 IGNORE_INDEX = -100
+_CE = cross_entropy
 
 
 class Block(nn.Module):
@@ -179,7 +180,7 @@ def lm_loss(
     balance: "seq" (DeepSeek-V3's complementary sequence-wise loss), "aux" (classic batch-wise
     auxiliary loss, for ablations) or "none"."""
     V = out.logits.shape[-1]
-    main = F.cross_entropy(out.logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    main = _CE(out.logits.reshape(-1, V), labels.reshape(-1), IGNORE_INDEX)
     zero = main.new_zeros(())
     mtp = zero
     if out.mtp_logits:
@@ -187,9 +188,7 @@ def lm_loss(
         for k, logits in enumerate(out.mtp_logits, start=1):
             target = torch.roll(labels, shifts=-k, dims=1).clone()
             target[:, -k:] = IGNORE_INDEX
-            parts.append(
-                F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), ignore_index=IGNORE_INDEX)
-            )
+            parts.append(_CE(logits.reshape(-1, V), target.reshape(-1), IGNORE_INDEX))
         mtp = torch.stack(parts).mean()
     bal = zero
     if balance != "none" and out.router_stats:

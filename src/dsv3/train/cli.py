@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from dsv3.config import ModelConfig, TrainConfig, coerce_value, load_preset
+from dsv3.runtime import tune_malloc
 
 
 def apply_overrides(
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    tune_malloc()
     try:
         return run(args)
     except ValueError as e:
