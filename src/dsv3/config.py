@@ -385,6 +385,9 @@ class TrainConfig:
     fp8_dispatch: bool = False  # EP dispatch in FP8 (E4M3, 1x128 scales)
     bf16_combine: bool = False  # EP combine in BF16
     zero1: bool = True  # shard optimizer states over data-parallel ranks
+    pp: int = 1  # pipeline-parallel ranks (dsv3.train.pipeline; with dp = ep = 1)
+    pp_schedule: str = "1f1b"  # 1f1b, zb1p, dualpipe or dualpipev (dsv3.parallel.pipeline)
+    pp_microbatches: int | None = None  # micro-batches per step; None = 2 x pp
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field; return self."""
@@ -438,6 +441,13 @@ class TrainConfig:
         _check(self.moments_dtype in dtypes, "moments_dtype", f"must be one of {dtypes}")
         _check(self.dtype in dtypes, "dtype", f"must be one of {dtypes}")
         _check(self.sample_temperature >= 0, "sample_temperature", "must be >= 0")
+        _check(
+            isinstance(self.pp, int) and self.pp >= 1, "pp", f"must be a positive integer, got {self.pp!r}"
+        )
+        schedules = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+        _check(self.pp_schedule in schedules, "pp_schedule", f"must be one of {schedules}")
+        n = self.pp_microbatches
+        _check(n is None or (isinstance(n, int) and n > 0), "pp_microbatches", "must be null or >= 1")
         return self
 
     @classmethod

@@ -88,8 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (dsv3.fp8.convert_to_fp8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
-    parser.add_argument("--nproc", type=int, default=1, help="local ranks for expert/data parallelism "
-                        "(gloo/NCCL; layout from dp/ep/nodes); leave out under torchrun")  # fmt: skip
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="local ranks for expert/data/pipeline parallelism (gloo/NCCL; layout from pp/dp/ep/nodes); "
+        "leave out under torchrun",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="model or train setting overrides")
 
 

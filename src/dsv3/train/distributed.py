@@ -4,8 +4,9 @@
   N local ranks (dsv3.parallel.launch: torchrun's environment, a watchdog that stops the survivors when
   one rank fails) which each run the same `dsv3 train` arguments.
 - Under torchrun (or as such a rank) `make_trainer` initialises the process group (gloo on CPU, NCCL on
-  GPU, with a timeout), builds the mesh from the train config's dp/ep/nodes fields and returns a
-  `ParallelTrainer`; without that environment it returns the single-process `Trainer`.
+  GPU, with a timeout), builds the mesh from the train config's pp/dp/ep/nodes fields and returns a
+  `ParallelTrainer` (a `dsv3.train.pipeline.PipelineTrainer` when pp > 1); without that environment it
+  returns the single-process `Trainer`.
 
 ParallelTrainer overrides only the Trainer's hooks: model building (`parallelize`: expert parallel),
 the optimizer (ZeRO-1 via `DataParallel`), the data-parallel reductions (expert loads, losses,
@@ -50,22 +51,29 @@ from dsv3.train.trainer import Trainer
 def parallel_config(
     train_cfg: TrainConfig, world: int, model_cfg: ModelConfig | None = None
 ) -> ParallelConfig:
-    """The layout of a run of `world` ranks from the train config's dp/ep/nodes fields (pp = 1)."""
-    ep = train_cfg.ep
+    """The layout of a run of `world` ranks from the train config's pp/dp/ep/nodes fields."""
+    ep, pp = train_cfg.ep, train_cfg.pp
     if not isinstance(ep, int) or ep < 1:
         raise ValueError(f"invalid config: ep: must be a positive integer, got {ep!r}")
-    if world % ep:
-        hint = " (start the ranks with --nproc N or torchrun)" if world == 1 else ""
+    hint = " (start the ranks with --nproc N or torchrun)" if world == 1 else ""
+    if world % (ep * pp):
+        what = "ep" if pp == 1 else "pp x ep"
         raise ValueError(
-            f"invalid config: ep: {world} rank(s) cannot hold ep={ep}: need a multiple of ep{hint}"
+            f"invalid config: {what.split()[0]}: {world} rank(s) cannot hold pp={pp} x ep={ep}: "
+            f"need a multiple of {what}{hint}"
         )
-    dp = world // ep if train_cfg.dp is None else train_cfg.dp
-    if dp * ep != world:
+    dp = world // (ep * pp) if train_cfg.dp is None else train_cfg.dp
+    if pp * dp * ep != world:
         raise ValueError(
-            f"invalid config: dp: dp={dp} x ep={ep} = {dp * ep} ranks, but the run has {world}"
+            f"invalid config: dp: pp={pp} x dp={dp} x ep={ep} = {pp * dp * ep} ranks, but the run has {world}"
             + ("" if world > 1 else " (use --nproc N or torchrun)")
         )
+    if pp > 1:
+        from dsv3.train.pipeline import check_pipeline_config
+
+        check_pipeline_config(train_cfg, dp, model_cfg)
     pc = ParallelConfig(
+        pp=pp,
         dp=dp,
         ep=ep,
         nodes=train_cfg.nodes,
@@ -97,21 +105,25 @@ def maybe_spawn(args: argparse.Namespace, model_cfg: ModelConfig, train_cfg: Tra
 def make_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, **kw: Any) -> Trainer:
     """A `ParallelTrainer` under a distributed environment, else the single-process `Trainer`."""
     env = env_from_environ()
-    if env is None or env.world_size == 1 and (train_cfg.dp or 1) * train_cfg.ep == 1:
+    if env is None or env.world_size == 1 and (train_cfg.dp or 1) * train_cfg.ep * train_cfg.pp == 1:
         parallel_config(train_cfg, 1, model_cfg)
         return Trainer(model_cfg, train_cfg, run_dir, **kw)
     pc = parallel_config(train_cfg, env.world_size, model_cfg)
     if init_distributed(timeout_s=pc.timeout_s) is not None:
         atexit.register(shutdown_distributed)  # torchrun ranks: leave the process group cleanly at exit
     device = f"cuda:{env.local_rank}" if dist.get_backend() == "nccl" else "cpu"
+    if pc.pp > 1:
+        from dsv3.train.pipeline import PipelineTrainer
+
+        return PipelineTrainer(model_cfg, train_cfg, run_dir, mesh=build_mesh(pc), device=device, **kw)
     return ParallelTrainer(model_cfg, train_cfg, run_dir, mesh=build_mesh(pc), device=device, **kw)
 
 
 class ParallelTrainer(Trainer):
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path, *,
                  mesh: Mesh, **kw: Any):  # fmt: skip
-        if mesh.pp > 1:
-            raise ValueError("pipeline-parallel training is not wired into the trainer")
+        if mesh.pp > 1 and not getattr(self, "pipeline", False):
+            raise ValueError("pipeline-parallel runs use dsv3.train.pipeline.PipelineTrainer")
         self.mesh = mesh
         self.dp: DataParallel | None = None
         super().__init__(model_config, train_config, run_dir, rank=mesh.rank, world=mesh.data_size, **kw)

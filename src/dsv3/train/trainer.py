@@ -224,10 +224,11 @@ class Trainer:
         add_residual_dropout(model, self.cfg.dropout)
         return model.to(self.device).train()
 
-    def build_optimizer(self) -> AdamW:
+    def build_optimizer(self, module: torch.nn.Module | None = None) -> AdamW:
+        """AdamW over `module`'s parameters (default: the whole model)."""
         c = self.cfg
         return AdamW(
-            param_groups(self.model, c.weight_decay),
+            param_groups(self.model if module is None else module, c.weight_decay),
             lr=lr_at(c, 0),
             betas=(c.beta1, c.beta2),
             eps=c.eps,
@@ -306,6 +307,21 @@ class Trainer:
         counts = self.reduce_counts(counts or [])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = self.reduce_gradients(params)
+        return self.apply_step(t0, b, mtp_w, sums, counts, params, norm)
+
+    def apply_step(
+        self,
+        t0: float,
+        b: int,
+        mtp_w: float,
+        sums: torch.Tensor,
+        counts: list[torch.Tensor],
+        params: list[torch.Tensor],
+        norm: torch.Tensor,
+    ) -> dict[str, Any]:
+        """After the backward (gradients reduced, global norm known): skip a non-finite step, else clip,
+        step the optimizer and the balance biases; the metrics record. sums = [total, main, mtp, balance]."""
+        c, step = self.cfg, self.step
         finite = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(norm))
         lr, gamma = lr_at(c, step), bias_update_speed_at(c, step)
         self.step += 1

@@ -1,0 +1,201 @@
+"""Pipeline-parallel training: `dsv3 train --nproc N pp=N [pp_schedule=dualpipev] [pp_microbatches=M]`.
+
+Every rank builds the same model (same seed), cuts it into the schedule's stages (dsv3.parallel.pipeline:
+1F1B, ZB1P, DualPipe or DualPipeV) and trains only the parameters of its own stages: the optimizer holds
+those alone. A step is `PipelineRuntime.step` over the whole batch split into micro-batches (the same
+batch on every rank), then:
+
+- gradients of parameters two ranks hold (DualPipe's two copies of each stage, the embedding the last
+  stage shares with the first for MTP) are summed (`sync_replicated_grads`);
+- the global gradient norm counts each parameter once (on the lowest rank holding it);
+- expert loads: each stage's counts, from the lowest rank holding the stage, all-reduced into the
+  model's MoE-layer order, so every rank applies the same balance-bias update to every layer.
+
+The numbers equal a single-process run with `micro_batch_size = batch / micro-batches` (the loss of a
+step is the mean of the micro-batches' losses in both). Evaluation, sampling, checkpoints and the HF
+export first bring every rank's copy of the model up to date (each parameter broadcast from the lowest
+rank holding it), then run as in one process; each rank writes its own checkpoint shard (the model and
+its optimizer states), so `--resume` restores each rank exactly.
+
+Limits of this version: pp combines with dp = ep = 1 only, and every rank keeps a full copy of the
+weights (only the optimizer states and the computation are split), which is right for checking the
+schedules on CPU and wrong for a model that does not fit one device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dsv3.config import ModelConfig, TrainConfig
+from dsv3.model import Transformer, lm_loss
+from dsv3.parallel.pipeline import (
+    PipelineRuntime,
+    Schedule,
+    build_stages,
+    make_schedule,
+    sync_expert_counts,
+    sync_replicated_grads,
+)
+from dsv3.train.distributed import ParallelTrainer
+from dsv3.train.evaluate import autocast_context
+from dsv3.train.optim import grad_norm
+from dsv3.train.schedule import batch_size_at, mtp_weight_at
+from dsv3.train.trainer import Trainer
+
+
+def pipeline_schedule(train_cfg: TrainConfig, ranks: int) -> Schedule:
+    """The schedule for `ranks` pipeline ranks (DualPipeV: two stages per rank)."""
+    n = train_cfg.pp_microbatches or 2 * ranks
+    stages = 2 * ranks if train_cfg.pp_schedule == "dualpipev" else ranks
+    try:
+        return make_schedule(train_cfg.pp_schedule, stages, n)
+    except ValueError as e:
+        raise ValueError(f"invalid config: pp_schedule: {e}") from None
+
+
+def check_pipeline_config(train_cfg: TrainConfig, dp: int, model_cfg: ModelConfig | None) -> None:
+    """Everything a pipeline run needs, checked before any rank starts (ValueError naming the field)."""
+    c = train_cfg
+    if dp != 1 or c.ep != 1:
+        raise ValueError(
+            f"invalid config: pp: pipeline parallelism runs with dp = ep = 1 here, got dp={dp} ep={c.ep}"
+        )
+    sched = pipeline_schedule(c, c.pp)
+    n = sched.num_microbatches
+    if c.batch_size % n:
+        raise ValueError(
+            f"invalid config: batch_size: {c.batch_size} is not divisible into {n} micro-batches"
+        )
+    if c.micro_batch_size is not None:
+        raise ValueError("invalid config: micro_batch_size: the pipeline sets it (batch / pp_microbatches)")
+    if c.compile:
+        raise ValueError("invalid config: compile: torch.compile is not applied to pipeline stages")
+    if model_cfg is not None and model_cfg.num_hidden_layers < sched.num_stages:
+        raise ValueError(
+            f"invalid config: pp: {sched.num_stages} stages need at least as many layers, "
+            f"the model has {model_cfg.num_hidden_layers}"
+        )
+
+
+class PipelineTrainer(ParallelTrainer):
+    pipeline = True
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path, **kw: Any):
+        self._mtp_w = 0.0
+        super().__init__(model_config, train_config, run_dir, **kw)
+
+    # ------------------------------------------------------------------ setup
+    def build_model(self) -> Transformer:
+        model = Trainer.build_model(self)  # the same full model on every rank (seeded)
+        mesh, group = self.mesh, self.mesh.pp_group
+        self.schedule = pipeline_schedule(self.cfg, mesh.pp)
+        self.stages = build_stages(model, self.schedule.stages_of(mesh.pp_rank), self.schedule.num_stages)
+        self.runtime = PipelineRuntime(self.schedule, self.stages, group=group, loss_fn=self._loss)
+        local = {n: p for st in self.stages.values() for n, p in st.named_parameters()}
+        everyone: list = [None] * mesh.pp
+        dist.all_gather_object(everyone, sorted(local), group=group)
+        self._owner = {}  # parameter name -> lowest pipeline rank holding it
+        for r, names in enumerate(everyone):
+            for n in names:
+                self._owner.setdefault(n, r)
+        self._local = local
+        self._stage_owner = {
+            s: min(r for r in range(mesh.pp) if s in self.schedule.stages_of(r))
+            for s in range(self.schedule.num_stages)
+        }
+        return model
+
+    def build_optimizer(self):  # type: ignore[no-untyped-def]
+        """AdamW over this rank's stages only (the embedding counted once when two local stages share it)."""
+        return Trainer.build_optimizer(self, torch.nn.ModuleList(self.stages.values()))
+
+    def _loss(self, out, labels):  # type: ignore[no-untyped-def]
+        return lm_loss(out, labels, self._mtp_w, self.balance_alpha, self.cfg.balance_loss)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, Any]:
+        c, step = self.cfg, self.step
+        t0 = time.perf_counter()
+        b = batch_size_at(c, step, multiple=self.schedule.num_microbatches)
+        x, y = self.data.next_batch(b, 0, 1)  # every pipeline rank sees the whole batch
+        x, y = x.to(self.device), y.to(self.device)
+        self._mtp_w = mtp_w = mtp_weight_at(c, step)
+        with autocast_context(self.dtype, self.device):
+            result = self.runtime.step(x, y)
+        group = self.mesh.pp_group
+        sync_replicated_grads(self.stages, group)
+        sync_expert_counts(self.stages, group)
+        sums = torch.stack([result.parts[k] for k in ("loss", "main_loss", "mtp_loss", "balance_loss")])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return self.apply_step(t0, b, mtp_w, sums.float(), self._global_counts(), params, self._grad_norm())
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm, each parameter counted once over the pipeline ranks."""
+        me = self.mesh.pp_rank
+        mine = [p for n, p in self._local.items() if self._owner[n] == me]
+        sq = (grad_norm(mine) ** 2).to(torch.float64).reshape(1)
+        dist.all_reduce(sq, group=self.mesh.pp_group)
+        return sq.sqrt().float()[0]
+
+    def _global_counts(self) -> list[torch.Tensor]:
+        """Per-MoE-layer expert loads of the batch, in `model.moe_layers()` order, on every rank."""
+        cfg, E = self.model_config, self.model_config.n_routed_experts or 0
+        n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        n_all = len(self.model.moe_layers())
+        if n_all == 0:
+            return []
+        table = torch.zeros(n_all, E, dtype=torch.float64)
+        for s, st in self.stages.items():
+            if self._stage_owner[s] != self.mesh.pp_rank:
+                continue
+            rows = st.expert_counts.double().cpu()
+            k = len(st.moe_here)
+            table[st.moe_before : st.moe_before + k] += rows[:k]
+            if st.is_last:
+                table[n_main:] += rows[k:]
+        dist.all_reduce(table, group=self.mesh.pp_group)
+        return [r.float() for r in table.unbind(0)]
+
+    # ------------------------------------------------------------------ whole-model operations
+    @torch.no_grad()
+    def sync_full_model(self) -> None:
+        """Bring every rank's copy of every parameter up to date (broadcast from its lowest holder)."""
+        params = dict(self.model.named_parameters())
+        me = self.mesh.pp_rank
+        for r in range(self.mesh.pp):
+            names = sorted(n for n, o in self._owner.items() if o == r)
+            if not names:
+                continue
+            flat = (
+                torch.cat([params[n].detach().reshape(-1).float() for n in names])
+                if r == me
+                else torch.empty(sum(params[n].numel() for n in names), dtype=torch.float32)
+            )
+            dist.broadcast(flat, group=self.mesh.pp_group, group_src=r)
+            if r != me:
+                off = 0
+                for n in names:
+                    k = params[n].numel()
+                    params[n].copy_(flat[off : off + k].view_as(params[n]))
+                    off += k
+
+    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
+        self.sync_full_model()
+        return Trainer.evaluate(self, max_batches)
+
+    def sample(self, prompt: str = "\n") -> str:
+        self.sync_full_model()
+        return Trainer.sample(self, prompt)
+
+    def save_checkpoint(self) -> Path | None:
+        self.sync_full_model()
+        return super().save_checkpoint()
+
+    def export_hf(self) -> Path | None:
+        """Rank 0 writes the (synchronised) full model; called from save_checkpoint."""
+        return Trainer.export_hf(self) if self.rank == 0 else None
