@@ -41,6 +41,18 @@ def test_pipeline_run_equals_single_process_and_resumes(tmp_path, schedule, laye
     pp = [*sets, "pp=2", f"pp_schedule={schedule}"]
     assert main(["train", *common, "--out", str(pipe), "--stop-at", "2", "--nproc", "2", *pp]) == 0
     assert (pipe / "checkpoints" / "step_00000002" / "rank00001.pt").is_file()
+    # each rank holds (and checkpoints) the weights of its own stages only
+    import torch
+
+    held = []
+    for r in (0, 1):
+        shard = torch.load(pipe / "checkpoints" / "step_00000002" / f"rank0000{r}.pt", weights_only=False)
+        weights = {k for k in shard["model"] if "layers." in k and not k.endswith("correction_bias")}
+        held.append({k for k in weights if shard["model"][k].numel()})
+    if schedule == "dualpipe":  # rank r holds stages r and 1 - r: both copies of the model
+        assert held[0] == held[1] == weights
+    else:
+        assert held[0] and held[1] and not held[0] & held[1] and held[0] | held[1] == weights
     assert main(["train", *common, "--out", str(pipe), "--resume", "--nproc", "2", *pp]) == 0
     a, b = _records(single), _records(pipe)
     assert [r["step"] for r in b] == [1, 2, 3]

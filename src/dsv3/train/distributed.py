@@ -192,14 +192,10 @@ class ParallelTrainer(Trainer):
         state, _ = load_sharded(path, self.mesh)
         return path, state["model"], state["train"]
 
-    def export_hf(self) -> Path | None:
+    def export_hf(self, model: Transformer | None = None) -> Path | None:
         sd = full_state_dict(self.model, self.mesh)  # collective: every rank takes part
         if self.rank != 0:
             return None
-        try:
-            from dsv3.checkpoint import save_pretrained
-        except ImportError:
-            return None
         full = Transformer(self.model_config)
         full.load_state_dict(sd)
-        return save_pretrained(full, self.run_dir / "model", dtype=torch.float32, tokenizer=self.tokenizer)
+        return super().export_hf(full)

@@ -12,14 +12,17 @@ batch on every rank), then:
   model's MoE-layer order, so every rank applies the same balance-bias update to every layer.
 
 The numbers equal a single-process run with `micro_batch_size = batch / micro-batches` (the loss of a
-step is the mean of the micro-batches' losses in both). Evaluation, sampling, checkpoints and the HF
-export first bring every rank's copy of the model up to date (each parameter broadcast from the lowest
-rank holding it), then run as in one process; each rank writes its own checkpoint shard (the model and
-its optimizer states), so `--resume` restores each rank exactly.
+step is the mean of the micro-batches' losses in both).
 
-Limits of this version: pp combines with dp = ep = 1 only, and every rank keeps a full copy of the
-weights (only the optimizer states and the computation are split), which is right for checking the
-schedules on CPU and wrong for a model that does not fit one device.
+Memory: once the stages are cut, every parameter no local stage uses gives up its storage (its name
+stays, holding an empty tensor), so a rank holds the weights, gradients and optimizer states of its
+stages only. Checkpoints are sharded (each rank writes its stages' weights and optimizer states; `--resume`
+restores each rank exactly). Evaluation, sampling and the HF export gather the whole model onto pipeline
+rank 0 (each parameter from the lowest rank holding it), run there, and broadcast the result.
+
+Limits of this version: pp combines with dp = ep = 1 only (no FP8, no torch.compile), and evaluation runs
+the gathered model on rank 0 instead of through the pipeline, so rank 0 needs room for the whole model
+at evaluation time.
 """
 
 from __future__ import annotations
@@ -91,7 +94,9 @@ class PipelineTrainer(ParallelTrainer):
 
     # ------------------------------------------------------------------ setup
     def build_model(self) -> Transformer:
-        model = Trainer.build_model(self)  # the same full model on every rank (seeded)
+        if self.fp8:
+            raise ValueError("--fp8 with pp > 1 is not supported yet")
+        model = Trainer.build_model(self)  # the same full model on every rank (seeded), then pruned
         mesh, group = self.mesh, self.mesh.pp_group
         self.schedule = pipeline_schedule(self.cfg, mesh.pp)
         self.stages = build_stages(model, self.schedule.stages_of(mesh.pp_rank), self.schedule.num_stages)
@@ -104,6 +109,7 @@ class PipelineTrainer(ParallelTrainer):
             for n in names:
                 self._owner.setdefault(n, r)
         self._local = local
+        self._free_nonlocal(model)
         self._stage_owner = {
             s: min(r for r in range(mesh.pp) if s in self.schedule.stages_of(r))
             for s in range(self.schedule.num_stages)
@@ -163,39 +169,69 @@ class PipelineTrainer(ParallelTrainer):
 
     # ------------------------------------------------------------------ whole-model operations
     @torch.no_grad()
-    def sync_full_model(self) -> None:
-        """Bring every rank's copy of every parameter up to date (broadcast from its lowest holder)."""
-        params = dict(self.model.named_parameters())
-        me = self.mesh.pp_rank
+    def _free_nonlocal(self, model: Transformer) -> None:
+        """Drop the storage of every parameter no local stage uses (their names keep empty tensors, so
+        state dicts keep one key set); the shapes are kept for gathering the full model."""
+        self._shapes = {n: p.shape for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            if n not in self._local:
+                p.data = p.data.new_empty(0)
+
+    def param_counts(self) -> tuple[int, int]:
+        total = sum(s.numel() for s in self._shapes.values())
+        mtp = sum(s.numel() for n, s in self._shapes.items() if n.startswith("mtp."))
+        return total - mtp, total
+
+    @torch.no_grad()
+    def gather_model(self) -> Transformer | None:
+        """Collective over the pipeline: the whole up-to-date model on pipeline rank 0 (None elsewhere).
+        Each parameter comes from the lowest rank holding it; buffers (balance biases, RoPE) are the
+        same on every rank and come from rank 0's copy."""
+        me, group = self.mesh.pp_rank, self.mesh.pp_group
+        local = {n: p for n, p in self.model.named_parameters() if n in self._local}
+        full: Transformer | None = None
+        if me == 0:
+            with torch.device("meta"):
+                full = Transformer(self.model_config)
+            full = full.to_empty(device=self.device)
+            for n, b in self.model.named_buffers():
+                full.get_buffer(n).copy_(b)
+            if self.model_config.tie_word_embeddings:
+                full.head.weight = full.embed.weight
+        params = dict(full.named_parameters()) if full is not None else {}
         for r in range(self.mesh.pp):
             names = sorted(n for n, o in self._owner.items() if o == r)
             if not names:
                 continue
-            flat = (
-                torch.cat([params[n].detach().reshape(-1).float() for n in names])
-                if r == me
-                else torch.empty(sum(params[n].numel() for n in names), dtype=torch.float32)
-            )
-            dist.broadcast(flat, group=self.mesh.pp_group, group_src=r)
-            if r != me:
+            if r == 0 and me == 0:
+                for n in names:
+                    params[n].copy_(local[n])
+            elif r == me:
+                dist.send(torch.cat([local[n].reshape(-1).float() for n in names]), group_dst=0, group=group)
+            elif me == 0:
+                flat = torch.empty(sum(params[n].numel() for n in names), dtype=torch.float32)
+                dist.recv(flat, group_src=r, group=group)
                 off = 0
                 for n in names:
                     k = params[n].numel()
                     params[n].copy_(flat[off : off + k].view_as(params[n]))
                     off += k
+        return full.eval() if full is not None else None
 
-    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
-        self.sync_full_model()
-        return Trainer.evaluate(self, max_batches)
+    def _on_rank0(self, fn):  # type: ignore[no-untyped-def]
+        """fn(full model) on pipeline rank 0; its result broadcast to every rank."""
+        full = self.gather_model()
+        box = [fn(full) if full is not None else None]
+        dist.broadcast_object_list(box, group=self.mesh.pp_group, group_src=0)
+        return box[0]
 
-    def sample(self, prompt: str = "\n") -> str:
-        self.sync_full_model()
-        return Trainer.sample(self, prompt)
+    def evaluate(self, max_batches: int | None = None, model: Transformer | None = None) -> dict[str, Any]:
+        return self._on_rank0(lambda full: Trainer.evaluate(self, max_batches, full))
 
-    def save_checkpoint(self) -> Path | None:
-        self.sync_full_model()
-        return super().save_checkpoint()
+    def sample(self, prompt: str = "\n", model: Transformer | None = None) -> str:
+        return self._on_rank0(lambda full: Trainer.sample(self, prompt, full))
 
-    def export_hf(self) -> Path | None:
-        """Rank 0 writes the (synchronised) full model; called from save_checkpoint."""
-        return Trainer.export_hf(self) if self.rank == 0 else None
+    def export_hf(self, model: Transformer | None = None) -> Path | None:
+        """Collective (called by save_checkpoint on every rank): rank 0 writes the gathered model."""
+        full = self.gather_model()
+        return Trainer.export_hf(self, full) if full is not None else None

@@ -363,9 +363,13 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ eval / checkpoints / export
-    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
+    def param_counts(self) -> tuple[int, int]:
+        """(main model, main + MTP) parameter counts."""
+        return self.model.num_params(), self.model.num_params(False)
+
+    def evaluate(self, max_batches: int | None = None, model: Transformer | None = None) -> dict[str, Any]:
         r = evaluate(
-            self.model,
+            self.model if model is None else model,
             self.val_windows,
             self.tokenizer.token_byte_lengths,
             batch_size=self.cfg.batch_size,
@@ -430,14 +434,17 @@ class Trainer:
         self.log(f"resumed from {path} (step {self.step})")
         return path
 
-    def export_hf(self) -> Path | None:
+    def export_hf(self, model: Transformer | None = None) -> Path | None:
         """RUN_DIR/model: an HF-format directory (fp32 weights, config.json, tokenizer) for inference."""
         try:
             from dsv3.checkpoint import save_pretrained
         except ImportError:
             return None
         return save_pretrained(
-            self.model, self.run_dir / "model", dtype=torch.float32, tokenizer=self.tokenizer
+            self.model if model is None else model,
+            self.run_dir / "model",
+            dtype=torch.float32,
+            tokenizer=self.tokenizer,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -448,9 +455,9 @@ class Trainer:
             raise ValueError(f"--stop-at must be in [1, steps={c.steps}], got {stop_at}")
         end = c.steps if stop_at is None else stop_at
         self.metrics.write({"type": "run", "event": "resume" if self.step else "start", "step": self.step})
-        params = self.model.num_params()
+        params, with_mtp = self.param_counts()
         self.log(
-            f"model: {params / 1e6:.2f}M params (+{(self.model.num_params(False) - params) / 1e6:.2f}M MTP), "
+            f"model: {params / 1e6:.2f}M params (+{(with_mtp - params) / 1e6:.2f}M MTP), "
             f"{c.steps} steps of {c.batch_size}x{c.seq_len} tokens, {c.dtype}"
         )
         t_start = time.perf_counter()
@@ -512,9 +519,9 @@ class Trainer:
         )
         return summary
 
-    def sample(self, prompt: str = "\n") -> str:
+    def sample(self, prompt: str = "\n", model: Transformer | None = None) -> str:
         return sample_text(
-            self.model,
+            self.model if model is None else model,
             self.tokenizer,
             prompt,
             self.cfg.sample_tokens,
