@@ -76,14 +76,33 @@ def test_pipeline_run_equals_single_process_and_resumes(tmp_path, schedule, laye
 def test_bad_pipeline_layouts_are_rejected_before_any_rank_starts(tmp_path, capsys):
     out = tmp_path / "bad"
     cases = [
-        (["pp=2", "ep=2"], "dp = ep = 1"),
+        (["pp=2", "ep=2"], "ep = 1"),
+        (["pp=2", "dp=2", "batch_size=4", "pp_microbatches=4"], "batch_size"),
         (["pp=2", "batch_size=6"], "batch_size"),
         (["pp=2", "pp_schedule=dualpipe", "pp_microbatches=3"], "pp_schedule"),
         (["pp=2", "pp_schedule=dualpipev"], "layers"),  # 4 stages, debug has 2 layers
         (["pp=2", "pp_schedule=gpipe"], "pp_schedule"),
     ]
     for extra, msg in cases:
-        nproc = "4" if "ep=2" in extra else "2"
+        nproc = "4" if "ep=2" in extra or "dp=2" in extra else "2"
         assert main(["train", *COMMON, "--out", str(out), "--nproc", nproc, *extra]) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert not out.exists()
+
+
+def test_pipeline_times_data_parallel_equals_single_process(tmp_path):
+    """pp=2 x dp=2 on 4 ranks: each replica takes 2 of the 4 rows as 2 micro-batches of 1; the same numbers
+    as one process with micro-batches of 1."""
+    common = [*COMMON, *_small_corpus(tmp_path)]
+    single, pipe = tmp_path / "single", tmp_path / "pp2dp2"
+    assert main(["train", *common, "--out", str(single), *SETTINGS, "micro_batch_size=1"]) == 0
+    sets = [*SETTINGS, "pp=2", "dp=2", "pp_microbatches=2"]
+    assert main(["train", *common, "--out", str(pipe), "--nproc", "4", *sets]) == 0
+    a, b = _records(single), _records(pipe)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5), (ra["loss"], rb["loss"])
+        assert math.isclose(ra["grad_norm"], rb["grad_norm"], rel_tol=1e-4)
+        assert ra["expert_load"] == rb["expert_load"]
+    ea, eb = _records(single, "eval")[-1], _records(pipe, "eval")[-1]
+    assert math.isclose(ea["val_loss"], eb["val_loss"], rel_tol=1e-4)

@@ -1,4 +1,4 @@
-"""Pipeline-parallel training: `dsv3 train --nproc N pp=N [pp_schedule=dualpipev] [pp_microbatches=M]`.
+"""Pipeline-parallel training: `dsv3 train --nproc N pp=P [dp=D] [pp_schedule=dualpipev] [pp_microbatches=M]`.
 
 Every rank builds the same model (same seed), cuts it into the schedule's stages (dsv3.parallel.pipeline:
 1F1B, ZB1P, DualPipe or DualPipeV) and trains only the parameters of its own stages: the optimizer holds
@@ -20,9 +20,12 @@ stages only. Checkpoints are sharded (each rank writes its stages' weights and o
 restores each rank exactly). Evaluation, sampling and the HF export gather the whole model onto pipeline
 rank 0 (each parameter from the lowest rank holding it), run there, and broadcast the result.
 
-Limits of this version: pp combines with dp = ep = 1 only (no FP8, no torch.compile), and evaluation runs
-the gathered model on rank 0 instead of through the pipeline, so rank 0 needs room for the whole model
-at evaluation time.
+Data parallelism (`dp`): each replica of the pipeline takes its rows of the batch; the replicas average
+their gradients (FP32 all-reduce) and losses, and add up their expert loads.
+
+Limits of this version: pp combines with dp, not with ep (and not with FP8 or torch.compile), and
+evaluation runs the gathered model on rank 0 instead of through the pipeline, so rank 0 needs room for
+the whole model at evaluation time.
 """
 
 from __future__ import annotations
@@ -64,15 +67,13 @@ def pipeline_schedule(train_cfg: TrainConfig, ranks: int) -> Schedule:
 def check_pipeline_config(train_cfg: TrainConfig, dp: int, model_cfg: ModelConfig | None) -> None:
     """Everything a pipeline run needs, checked before any rank starts (ValueError naming the field)."""
     c = train_cfg
-    if dp != 1 or c.ep != 1:
-        raise ValueError(
-            f"invalid config: pp: pipeline parallelism runs with dp = ep = 1 here, got dp={dp} ep={c.ep}"
-        )
+    if c.ep != 1:
+        raise ValueError(f"invalid config: pp: pipeline parallelism runs with ep = 1 here, got ep={c.ep}")
     sched = pipeline_schedule(c, c.pp)
     n = sched.num_microbatches
-    if c.batch_size % n:
+    if c.batch_size % (dp * n):
         raise ValueError(
-            f"invalid config: batch_size: {c.batch_size} is not divisible into {n} micro-batches"
+            f"invalid config: batch_size: {c.batch_size} is not divisible into dp={dp} x {n} micro-batches"
         )
     if c.micro_batch_size is not None:
         raise ValueError("invalid config: micro_batch_size: the pipeline sets it (batch / pp_microbatches)")
@@ -127,18 +128,31 @@ class PipelineTrainer(ParallelTrainer):
     def train_step(self) -> dict[str, Any]:
         c, step = self.cfg, self.step
         t0 = time.perf_counter()
-        b = batch_size_at(c, step, multiple=self.schedule.num_microbatches)
-        x, y = self.data.next_batch(b, 0, 1)  # every pipeline rank sees the whole batch
+        mesh = self.mesh
+        b = batch_size_at(c, step, multiple=mesh.dp * self.schedule.num_microbatches)
+        # the rows of this data-parallel replica; every pipeline rank of the replica sees all of them
+        x, y = self.data.next_batch(b, mesh.dp_rank, mesh.dp)
         x, y = x.to(self.device), y.to(self.device)
         self._mtp_w = mtp_w = mtp_weight_at(c, step)
         with autocast_context(self.dtype, self.device):
             result = self.runtime.step(x, y)
-        group = self.mesh.pp_group
-        sync_replicated_grads(self.stages, group)
-        sync_expert_counts(self.stages, group)
-        sums = torch.stack([result.parts[k] for k in ("loss", "main_loss", "mtp_loss", "balance_loss")])
+        sync_replicated_grads(self.stages, mesh.pp_group)
+        sync_expert_counts(self.stages, mesh.pp_group)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        sums = torch.stack([result.parts[k] for k in ("loss", "main_loss", "mtp_loss", "balance_loss")])
+        if mesh.dp > 1:  # average the replicas' gradients and losses (FP32)
+            self._average_over_replicas([p.grad for p in params if p.grad is not None])
+            sums = self.reduce_scalar(sums.float())
         return self.apply_step(t0, b, mtp_w, sums.float(), self._global_counts(), params, self._grad_norm())
+
+    def _average_over_replicas(self, grads: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=self.mesh.data_group)
+        flat /= self.mesh.dp
+        off = 0
+        for g in grads:
+            g.copy_(flat[off : off + g.numel()].view_as(g))
+            off += g.numel()
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm, each parameter counted once over the pipeline ranks."""
@@ -165,6 +179,8 @@ class PipelineTrainer(ParallelTrainer):
             if st.is_last:
                 table[n_main:] += rows[k:]
         dist.all_reduce(table, group=self.mesh.pp_group)
+        if self.mesh.dp > 1:
+            dist.all_reduce(table, group=self.mesh.data_group)
         return [r.float() for r in table.unbind(0)]
 
     # ------------------------------------------------------------------ whole-model operations
@@ -233,5 +249,5 @@ class PipelineTrainer(ParallelTrainer):
 
     def export_hf(self, model: Transformer | None = None) -> Path | None:
         """Collective (called by save_checkpoint on every rank): rank 0 writes the gathered model."""
-        full = self.gather_model()
-        return Trainer.export_hf(self, full) if full is not None else None
+        full = self.gather_model()  # on pipeline rank 0 of every data-parallel replica
+        return Trainer.export_hf(self, full) if full is not None and self.rank == 0 else None
