@@ -44,10 +44,7 @@ def evaluate(
     model.eval()
     lengths = torch.as_tensor(np.asarray(token_bytes, dtype=np.int64))
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    if max_batches and max_batches * batch_size < len(windows):
-        # a subset spread evenly over the whole split, so periodic estimates are not biased to its start
-        pick = np.linspace(0, len(windows) - 1, max_batches * batch_size).round().astype(np.int64)
-        windows = windows[np.unique(pick)]
+    windows = eval_windows(windows, batch_size, max_batches)
     try:
         n = len(windows)
         for i in range(0, n, batch_size):
@@ -63,6 +60,20 @@ def evaluate(
             total_bytes += int(lengths[y.cpu()].sum())
     finally:
         model.train(was_training)
+    return eval_record(total_nats, total_tokens, total_bytes)
+
+
+def eval_windows(windows: np.ndarray, batch_size: int, max_batches: int | None) -> np.ndarray:
+    """All windows, or max_batches batches of them spread evenly over the split (so periodic estimates
+    are not biased to its start)."""
+    if max_batches and max_batches * batch_size < len(windows):
+        pick = np.linspace(0, len(windows) - 1, max_batches * batch_size).round().astype(np.int64)
+        windows = windows[np.unique(pick)]
+    return windows
+
+
+def eval_record(total_nats: float, total_tokens: int, total_bytes: int) -> dict[str, float]:
+    """val_loss (nats/token) and val_bpb from the sums over the evaluated targets."""
     if total_tokens == 0:
         raise ValueError("no validation windows to evaluate")
     return {

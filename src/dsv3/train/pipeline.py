@@ -17,15 +17,15 @@ step is the mean of the micro-batches' losses in both).
 Memory: once the stages are cut, every parameter no local stage uses gives up its storage (its name
 stays, holding an empty tensor), so a rank holds the weights, gradients and optimizer states of its
 stages only. Checkpoints are sharded (each rank writes its stages' weights and optimizer states; `--resume`
-restores each rank exactly). Evaluation, sampling and the HF export gather the whole model onto pipeline
-rank 0 (each parameter from the lowest rank holding it), run there, and broadcast the result.
+restores each rank exactly). Evaluation runs through the pipeline's forward-only schedule. Sampling and
+the HF export gather the whole model onto pipeline rank 0 (each parameter from the lowest rank holding
+it); the sample is broadcast to every rank.
 
 Data parallelism (`dp`): each replica of the pipeline takes its rows of the batch; the replicas average
 their gradients (FP32 all-reduce) and losses, and add up their expert loads.
 
-Limits of this version: pp combines with dp, not with ep (and not with FP8 or torch.compile), and
-evaluation runs the gathered model on rank 0 instead of through the pipeline, so rank 0 needs room for
-the whole model at evaluation time.
+Limits of this version: pp combines with dp, not with ep (and not with FP8 or torch.compile); sampling
+and the HF export need room for the whole model on rank 0.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from dsv3.config import ModelConfig, TrainConfig
-from dsv3.model import Transformer, lm_loss
+from dsv3.model import IGNORE_INDEX, Transformer, lm_loss
 from dsv3.parallel.pipeline import (
     PipelineRuntime,
     Schedule,
@@ -48,7 +49,7 @@ from dsv3.parallel.pipeline import (
     sync_replicated_grads,
 )
 from dsv3.train.distributed import ParallelTrainer
-from dsv3.train.evaluate import autocast_context
+from dsv3.train.evaluate import autocast_context, eval_record, eval_windows
 from dsv3.train.optim import grad_norm
 from dsv3.train.schedule import batch_size_at, mtp_weight_at
 from dsv3.train.trainer import Trainer
@@ -241,8 +242,46 @@ class PipelineTrainer(ParallelTrainer):
         dist.broadcast_object_list(box, group=self.mesh.pp_group, group_src=0)
         return box[0]
 
+    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None, model: Transformer | None = None) -> dict[str, Any]:
-        return self._on_rank0(lambda full: Trainer.evaluate(self, max_batches, full))
+        """Validation through the pipeline (forward-only schedule): no rank needs the whole model.
+
+        Each batch of windows runs as its largest multiple of the micro-batch count N, then the k < N
+        windows left over as N one-row micro-batches of which N - k are padding (no targets, not
+        counted); a micro-batch's mean CE times its target count gives its nats. Every data-parallel
+        replica evaluates the same windows, so all ranks log the same figures."""
+        c, N = self.cfg, self.schedule.num_microbatches
+        windows = eval_windows(self.val_windows, c.batch_size, max_batches)
+        lengths = torch.as_tensor(np.asarray(self.tokenizer.token_byte_lengths, dtype=np.int64))
+        nats, tokens, nbytes = 0.0, 0, 0
+        self.model.eval()
+        try:
+            for i in range(0, len(windows), c.batch_size):
+                w = torch.from_numpy(windows[i : i + c.batch_size])
+                m = w.shape[0] // N * N
+                for part, real_rows in ((w[:m], m), (w[m:], w.shape[0] - m)):
+                    if real_rows == 0:
+                        continue
+                    nats += self._eval_nats(part, real_rows)
+                    tokens += part[:, 1:].numel()
+                    nbytes += int(lengths[part[:, 1:]].sum())
+        finally:
+            self.model.train()
+        full = not max_batches or max_batches * c.batch_size >= len(self.val_windows)
+        return {"type": "eval", "step": self.step, **eval_record(nats, tokens, nbytes), "full": full}
+
+    def _eval_nats(self, w: torch.Tensor, k: int) -> float:
+        """Summed CE (nats) over windows w [k, T+1]: k a multiple of N, or k < N padded to N rows."""
+        N = self.schedule.num_microbatches
+        if k < N:
+            w = torch.cat([w, w[:1].expand(N - k, -1)])
+        x, y = w[:, :-1].clone(), w[:, 1:].clone()
+        y[k:] = IGNORE_INDEX
+        with autocast_context(self.dtype, self.device):
+            table = self.runtime.step(x.to(self.device), y.to(self.device)).losses
+        per_mb = y.shape[0] // N * y.shape[1]  # targets per micro-batch
+        counted = torch.tensor([per_mb if j * (y.shape[0] // N) < k else 0 for j in range(N)])
+        return float(torch.where(counted > 0, table[:, 1].double() * counted, 0.0).sum())
 
     def sample(self, prompt: str = "\n", model: Transformer | None = None) -> str:
         return self._on_rank0(lambda full: Trainer.sample(self, prompt, full))
