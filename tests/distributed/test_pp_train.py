@@ -82,6 +82,7 @@ def test_bad_pipeline_layouts_are_rejected_before_any_rank_starts(tmp_path, caps
         (["pp=2", "pp_schedule=dualpipe", "pp_microbatches=3"], "pp_schedule"),
         (["pp=2", "pp_schedule=dualpipev"], "layers"),  # 4 stages, debug has 2 layers
         (["pp=2", "pp_schedule=gpipe"], "pp_schedule"),
+        (["--fp8", "pp=2"], "--fp8"),
     ]
     for extra, msg in cases:
         nproc = "4" if "ep=2" in extra or "dp=2" in extra else "2"

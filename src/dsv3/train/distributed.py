@@ -96,6 +96,8 @@ def maybe_spawn(args: argparse.Namespace, model_cfg: ModelConfig, train_cfg: Tra
             raise ValueError(f"--nproc {nproc} under torchrun with WORLD_SIZE={env.world_size}: drop --nproc")
         return None
     parallel_config(train_cfg, nproc, model_cfg)  # a bad layout fails here, before any rank starts
+    if getattr(args, "fp8", False) and train_cfg.pp > 1:
+        raise ValueError("--fp8 with pp > 1 is not supported yet")
     if nproc == 1:
         return None
     payload = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "nproc"}, nproc=nproc)

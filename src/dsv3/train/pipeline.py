@@ -170,11 +170,11 @@ class PipelineTrainer(ParallelTrainer):
         n_all = len(self.model.moe_layers())
         if n_all == 0:
             return []
-        table = torch.zeros(n_all, E, dtype=torch.float64)
+        table = torch.zeros(n_all, E, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         for s, st in self.stages.items():
             if self._stage_owner[s] != self.mesh.pp_rank:
                 continue
-            rows = st.expert_counts.double().cpu()
+            rows = st.expert_counts.double().to(self.device)
             k = len(st.moe_here)
             table[st.moe_before : st.moe_before + k] += rows[:k]
             if st.is_last:
@@ -182,7 +182,7 @@ class PipelineTrainer(ParallelTrainer):
         dist.all_reduce(table, group=self.mesh.pp_group)
         if self.mesh.dp > 1:
             dist.all_reduce(table, group=self.mesh.data_group)
-        return [r.float() for r in table.unbind(0)]
+        return [r.float().cpu() for r in table.unbind(0)]
 
     # ------------------------------------------------------------------ whole-model operations
     @torch.no_grad()
@@ -226,7 +226,7 @@ class PipelineTrainer(ParallelTrainer):
             elif r == me:
                 dist.send(torch.cat([local[n].reshape(-1).float() for n in names]), group_dst=0, group=group)
             elif me == 0:
-                flat = torch.empty(sum(params[n].numel() for n in names), dtype=torch.float32)
+                flat = torch.empty(sum(params[n].numel() for n in names), device=self.device)
                 dist.recv(flat, group_src=r, group=group)
                 off = 0
                 for n in names:
