@@ -193,16 +193,18 @@ def test_dead_decode_worker_fails_its_stream_others_finish(setup, server):
     _, state = setup
     de = state.core
     results: dict[int, tuple[str, str]] = {}
+    together = threading.Barrier(2)  # both requests leave at once, so their decodes overlap
 
     def stream(i: int) -> None:
         body = {
             "model": "dsv3-debug",
             "prompt": [5 + i, 6, 7],
-            "max_tokens": 280,
+            "max_tokens": MAX_SEQ - 4,  # as long as the cache allows: the two streams must overlap
             "temperature": 0,
             "stream": True,
         }
         text, last = "", ""
+        together.wait(timeout=30)
         try:
             with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as r:
                 for line in r.iter_lines():
