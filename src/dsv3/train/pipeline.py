@@ -288,5 +288,7 @@ class PipelineTrainer(ParallelTrainer):
 
     def export_hf(self, model: Transformer | None = None) -> Path | None:
         """Collective (called by save_checkpoint on every rank): rank 0 writes the gathered model."""
-        full = self.gather_model()  # on pipeline rank 0 of every data-parallel replica
-        return Trainer.export_hf(self, full) if full is not None and self.rank == 0 else None
+        if self.mesh.dp_rank != 0:  # one replica's pipeline gathers; the others hold the same weights
+            return None
+        full = self.gather_model()
+        return Trainer.export_hf(self, full) if full is not None else None
