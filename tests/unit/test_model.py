@@ -3,12 +3,13 @@ grouped experts, and the parameter counts of the 671B preset."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv3 import ModelConfig, Transformer, lm_loss
 from dsv3.model.moe import GroupedExperts
-from dsv3.model.rope import apply_rope
+from dsv3.model.rope import apply_rope, rope_cos_sin
 
 
 def _debug(**kw) -> ModelConfig:
@@ -83,17 +84,33 @@ def test_absorbed_equals_naive_with_padding_mask():
 def test_rope_layouts_give_the_same_scores():
     """Interleaved pairs and rotate_half pairs are one permutation apart: q.k is unchanged."""
     R = 8
-    cos_sin = torch.randn(1, 5, R // 2)
-    cos, sin = cos_sin.cos(), cos_sin.sin()
+    positions, inv_freq = torch.arange(5).expand(1, 5), torch.rand(R // 2)
+    cs_half = rope_cos_sin(positions, inv_freq, 1.0, torch.float32, interleave=False)
+    cs_inter = rope_cos_sin(positions, inv_freq, 1.0, torch.float32, interleave=True)
     q, k = torch.randn(1, 5, 2, R), torch.randn(1, 5, 2, R)
     perm = torch.stack(
         [torch.arange(R // 2), torch.arange(R // 2) + R // 2], 1
     ).flatten()  # half -> interleaved
-    half = (apply_rope(q, cos, sin, False) * apply_rope(k, cos, sin, False)).sum(-1)
-    inter = (apply_rope(q[..., perm], cos, sin, True) * apply_rope(k[..., perm], cos, sin, True)).sum(-1)
+    half = (apply_rope(q, *cs_half, False) * apply_rope(k, *cs_half, False)).sum(-1)
+    inter = (apply_rope(q[..., perm], *cs_inter, True) * apply_rope(k[..., perm], *cs_inter, True)).sum(-1)
     torch.testing.assert_close(half, inter)
     # and rotation preserves norms
-    torch.testing.assert_close(apply_rope(q, cos, sin, True).norm(dim=-1), q.norm(dim=-1))
+    torch.testing.assert_close(apply_rope(q, *cs_inter, True).norm(dim=-1), q.norm(dim=-1))
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_matches_the_pairwise_rotation_bitwise(interleave):
+    """apply_rope's x * cos + partner(x) * sin is the textbook (a cos - b sin, b cos + a sin), bit for bit."""
+    R, positions, inv_freq = 16, torch.arange(7).expand(2, 7), torch.rand(8)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 7, 3, R).to(dtype)
+        freqs = positions.float()[..., None] * inv_freq
+        c, s = (freqs.cos() * 0.9).to(dtype)[:, :, None], (freqs.sin() * 0.9).to(dtype)[:, :, None]
+        a, b = (x[..., 0::2], x[..., 1::2]) if interleave else (x[..., : R // 2], x[..., R // 2 :])
+        ra, rb = a * c - b * s, b * c + a * s
+        want = torch.stack((ra, rb), -1).flatten(-2) if interleave else torch.cat((ra, rb), -1)
+        got = apply_rope(x, *rope_cos_sin(positions, inv_freq, 0.9, dtype, interleave), interleave)
+        assert torch.equal(got, want)
 
 
 @torch.no_grad()
@@ -240,3 +257,35 @@ def test_cpu_bf16_matmul_attention_matches_fused_kernel():
         torch.testing.assert_close(o_new, o_ref, rtol=0.02, atol=0.02)
         for a, b in zip(g_new, g_ref):
             assert (a - b).norm() <= 0.02 * b.norm()
+
+
+@pytest.mark.parametrize("n_shared", [0, 1, 2])
+@torch.no_grad()
+def test_moe_decode_bags_equal_grouped_experts(n_shared):
+    """CPU decode's embedding-bag experts (shared ones folded in as gate-1 slots) = the grouped GEMMs."""
+    from dsv3.model import moe as moe_mod
+
+    cfg = _debug(n_shared_experts=n_shared)
+    model = Transformer(cfg).eval()
+    layer = model.moe_layers()[0]
+    layer.decode_bags = True
+    for N in (1, 3, 8):
+        x = torch.randn(1, N, cfg.hidden_size)
+        assert layer._bags_apply(x.view(N, -1))
+        bags, _ = layer(x)
+        old, moe_mod._BAG_MAX_TOKENS = moe_mod._BAG_MAX_TOKENS, 0
+        try:
+            ref, _ = layer(x)
+        finally:
+            moe_mod._BAG_MAX_TOKENS = old
+        torch.testing.assert_close(bags, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the tables follow in-place weight updates
+        layer.experts.w2.mul_(2)
+        if layer.shared_experts is not None:
+            layer.shared_experts.w2.weight.mul_(2)
+    moe_mod._BAG_MAX_TOKENS, old = 0, moe_mod._BAG_MAX_TOKENS
+    try:
+        ref, _ = layer(x)
+    finally:
+        moe_mod._BAG_MAX_TOKENS = old
+    torch.testing.assert_close(layer(x)[0], ref, atol=1e-5, rtol=1e-5)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.model.mla import score_bias
 
 
 def kv_cache_bytes_per_token(
@@ -123,6 +124,7 @@ class CacheView:
         self.slot, self.n, self.num_new = slot, n, num_new
         self.absorb = absorb
         self.mask: torch.Tensor | None = None
+        self._bias: dict = {}
         if starts is None:
             self.length = num_new
             return
@@ -137,6 +139,15 @@ class CacheView:
         self._rows = torch.arange(slot, slot + n, device=dev).repeat_interleave(num_new)
         self._pos = pos.reshape(-1)
         self.mask = torch.arange(self.length, device=dev)[None, None, :] <= pos[:, :, None]  # [n, S, T]
+
+    def score_bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as the absorbed attention's additive bias [n, S*heads, T], built once per forward."""
+        key = (heads, dtype)
+        if key not in self._bias:
+            self._bias[key] = score_bias(
+                self.mask, self.n, self.num_new, heads, self.length, dtype, self.cache.c.device
+            )
+        return self._bias[key]
 
     def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache, lo, hi = self.cache, self.slot, self.slot + self.n

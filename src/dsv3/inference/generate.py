@@ -38,6 +38,8 @@ class ModelRunner:
         # version counters, which inference tensors lack: those run under no_grad
         fp8 = any(hasattr(m, "fp8_config") for m in model.modules())
         self.no_grad = torch.no_grad if fp8 else torch.inference_mode
+        for moe in model.moe_layers():  # CPU decode steps run the experts as embedding bags
+            moe.decode_bags = True
 
     @property
     def has_mtp(self) -> bool:

@@ -57,6 +57,27 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight
 
 
+def score_bias(
+    mask: torch.Tensor | None,
+    B: int,
+    S: int,
+    H: int,
+    T: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The additive attention mask of `attend_absorbed`: 0 where mask [B, S, T] allows, -inf elsewhere,
+    as [B, S*H, T] (a view with stride 0 over heads when S == 1). mask None = causal, new tokens last."""
+    if mask is None:
+        bias = torch.full((S, T), float("-inf"), dtype=dtype, device=device).triu(T - S + 1)
+        bias = bias.view(1, S, 1, T)
+    else:
+        bias = torch.zeros(B, S, 1, T, dtype=dtype, device=device).masked_fill_(
+            ~mask.unsqueeze(2), float("-inf")
+        )
+    return bias.expand(B, S, H, T).reshape(B, S * H, T)
+
+
 class MLA(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -113,7 +134,9 @@ class MLA(nn.Module):
             c, pe = cache.update(self.layer_id, c, pe)
             mask = cache.mask
             if cache.absorb:
-                return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, mask))
+                bias_of = getattr(cache, "score_bias", None)  # memoised per forward by the inference cache
+                bias = None if bias_of is None else bias_of(self.n_heads, q_pe.dtype)
+                return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, mask, bias))
         return self.wo(self.attend_naive(q_nope, q_pe, c, pe, mask))
 
     def attend_naive(
@@ -183,29 +206,33 @@ class MLA(nn.Module):
         c: torch.Tensor,
         pe: torch.Tensor,
         mask: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention over the latent with wkv_b folded in. mask [B, S, T] (None = causal). [B, S, H*Dv].
 
-        Written as batched matmuls (no einsum) because decode runs it per token per layer on tiny shapes."""
+        bias, when given, replaces mask: the additive mask (0 / -inf) in the scores' dtype, [B, S*H, T]
+        or broadcastable to it (`score_bias`; the inference cache builds it once per forward).
+        Written as batched matmuls (no einsum) because decode runs it per token per layer on tiny shapes:
+        the scale and the mask ride on the two score GEMMs (baddbmm with alpha) and the softmax is FP32."""
         B, S, H, Dn = q_nope.shape
         T, C = c.shape[1], self.kv_lora_rank
-        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # [H, Dn, C], [H, Dv, C]
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # [H, Dn, C], [H, C, Dv]
         q_lat = torch.bmm(q_nope.reshape(B * S, H, Dn).transpose(0, 1), w_uk)  # [H, B*S, C]
         q_lat = q_lat.transpose(0, 1).reshape(B, S * H, C)
-        # scores[b, (s,h), t] = q_lat . c_t + q_pe . pe_t
-        scores = torch.bmm(q_pe.reshape(B, S * H, self.qk_rope_head_dim), pe.transpose(1, 2))
-        scores = torch.baddbmm(scores, q_lat, c.transpose(1, 2))
-        scores = scores.view(B, S, H, T).float() * self.softmax_scale
-        if mask is None:
-            mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-        p = scores.softmax(dim=-1).to(c.dtype)
-        o_lat = torch.bmm(p.view(B, S * H, T), c)  # [B, S*H, C]
-        o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, Dv]
+        if bias is None:
+            bias = score_bias(mask, B, S, H, T, q_pe.dtype, c.device)
+        # scores[b, (s,h), t] = scale * (q_pe . pe_t + q_lat . c_t) + bias
+        scores = torch.baddbmm(
+            bias, q_pe.reshape(B, S * H, self.qk_rope_head_dim), pe.transpose(1, 2), alpha=self.softmax_scale
+        )
+        scores = torch.baddbmm(scores, q_lat, c.transpose(1, 2), alpha=self.softmax_scale)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(c.dtype)
+        o_lat = torch.bmm(p, c)  # [B, S*H, C]
+        o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w_uv)  # [H, B*S, Dv]
         return o.transpose(0, 1).reshape(B, S, H * self.v_head_dim)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """wkv_b split per head into w_uk [H, Dn, C] and w_uv [H, Dv, C], in `dtype`.
+        """wkv_b split per head into w_uk [H, Dn, C] and w_uv transposed, [H, C, Dv], contiguous, in `dtype`.
 
         Without autograd (inference) the pair is kept until wkv_b's weight changes (its storage or version
         counter), so decode does not re-derive it per token, nor re-dequantise an FP8 wkv_b."""
@@ -217,5 +244,6 @@ class MLA(nn.Module):
                 return self._absorbed[1], self._absorbed[2]
         wkv_b = linear_weight(self.wkv_b).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
         w_uk, w_uv = wkv_b.to(dtype).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        w_uk, w_uv = w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
         self._absorbed = None if key is None else (key, w_uk, w_uv)
         return w_uk, w_uv

@@ -15,6 +15,14 @@ Experts run as grouped GEMMs over tokens sorted by expert (no Python loop over e
 path); on CPU, when routing is balanced enough, as one batched GEMM over an [E, cap, D] zero-padded
 layout instead (`padded_slots`), which runs near the matmul peak where CPU grouped_mm does not.
 `GroupedExperts.forward_sorted` is the seam expert parallelism reuses after its all-to-all.
+
+Decode on CPU (the inference engine switches it on: no autograd, a few tokens) runs the routed and shared experts as two embedding bags
+instead (`MoE.forward_bags`): a product y = W x is the sum over d of x_d times row d of W^T, which is
+what `F.embedding_bag(..., per_sample_weights=x)` computes, and it can pick each (token, expert) pair's
+rows from one table holding every expert's W^T. So all of a token's experts (the shared one included,
+with gate 1) take one bag op for gate+up and one for down, the gate weights folded in before the down
+product, instead of ~10 small ops per active expert plus a sort. The tables are a second copy of the
+expert weights in [in, out] layout, built on first use and kept until the weights change.
 """
 
 from __future__ import annotations
@@ -232,9 +240,16 @@ def balance_losses(
     return seq, (f_all * p.mean(0)).sum()
 
 
+# Most tokens per forward that take the embedding-bag path (decode steps and short verifies); longer
+# inputs (prefill, training) run the grouped GEMMs, which reuse each expert's weights across tokens.
+_BAG_MAX_TOKENS = 32
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self._bags: tuple | None = None  # (key, up, down, n_shared_slots) cached by decode_tables
+        self.decode_bags = False  # set by the inference engine (dsv3.inference.generate.ModelRunner)
         self.n_routed_experts = config.n_routed_experts
         self.gate = Gate(config)
         self.experts = GroupedExperts(
@@ -249,12 +264,78 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.reshape(-1, D)
         weights, indices, scores = self.gate(x)
-        y = self.experts(x, weights, indices)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        if self._bags_apply(x):
+            y = self.forward_bags(x, weights, indices)
+        else:
+            y = self.experts(x, weights, indices)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x)
         counts = expert_counts(indices.reshape(-1), self.n_routed_experts).float()
         if torch.is_grad_enabled():
             seq, aux = balance_losses(scores, indices, B)
         else:
             seq = aux = scores.new_zeros(())
         return y.view(B, T, D), RouterStats(counts, seq, aux)
+
+    # ----------------------------------------------------------------- CPU decode: experts as bags
+    def _bags_apply(self, x: torch.Tensor) -> bool:
+        sh = self.shared_experts
+        return (
+            self.decode_bags
+            and x.shape[0] <= _BAG_MAX_TOKENS
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled()
+            and type(self.experts) is GroupedExperts  # not FP8 or expert-parallel variants
+            and not self.experts.w1.is_inference()  # no version counter to key the tables on
+            and (sh is None or all(type(m) is nn.Linear for m in (sh.w1, sh.w2, sh.w3)))
+        )
+
+    def decode_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Embedding-bag tables: up [(E+S)*D, 2I] (each expert's [w1; w3]^T) and down [(E+S)*I, D]
+        (each expert's w2^T), S = shared experts as width-I slots after the E routed ones.
+
+        A shared MLP of width S*I is S experts of width I summed (SwiGLU acts per hidden unit), so it
+        is split into S slots. Kept until a weight's storage or version counter changes."""
+        ex, sh = self.experts, self.shared_experts
+        params = [ex.w1, ex.w2, ex.w3] + ([] if sh is None else [sh.w1.weight, sh.w2.weight, sh.w3.weight])
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        if self._bags is not None and self._bags[0] == key:
+            return self._bags[1:]
+        E, I, D = ex.w1.shape
+        w1, w2, w3 = ex.w1, ex.w2, ex.w3
+        S = 0
+        if sh is not None:
+            S = sh.w1.weight.shape[0] // I
+            w1 = torch.cat([w1, sh.w1.weight.view(S, I, D)])
+            w3 = torch.cat([w3, sh.w3.weight.view(S, I, D)])
+            w2 = torch.cat([w2, sh.w2.weight.view(D, S, I).transpose(0, 1)])
+        with torch.no_grad():
+            up = torch.cat([w1, w3], dim=1).transpose(1, 2).to(dtype).contiguous().view(-1, 2 * I)
+            down = w2.transpose(1, 2).to(dtype).contiguous().view(-1, D)
+        self._bags = (key, up, down, S)
+        return up, down, S
+
+    def forward_bags(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, D], gate weights/indices [N, K] -> routed + shared expert output [N, D] (no autograd).
+
+        Bag (n, j) sums rows e_j*D .. e_j*D+D-1 of `up` weighted by x_n: token n's gate and up
+        projections through expert e_j. The down bag of token n sums its M experts' w2^T rows weighted by
+        g_j * silu(gate) * up, which is sum_j g_j * expert_j(x_n) in one op."""
+        up, down, S = self.decode_tables(x.dtype)
+        N, D = x.shape
+        E, I = self.n_routed_experts, up.shape[1] // 2
+        ids, g = indices, weights.to(x.dtype)
+        if S:
+            ids = torch.cat([ids, torch.arange(E, E + S, device=x.device).expand(N, S)], dim=1)
+            g = torch.cat([g, g.new_ones(N, S)], dim=1)
+        M = ids.shape[1]
+        rows = (ids.unsqueeze(-1) * D + torch.arange(D, device=x.device)).view(-1)
+        offsets = torch.arange(0, N * M * D, D, device=x.device)
+        xs = x.unsqueeze(1).expand(N, M, D).reshape(-1)
+        h = F.embedding_bag(rows, up, offsets, mode="sum", per_sample_weights=xs).view(N, M, 2 * I)
+        gate, upv = h.split(I, dim=-1)
+        h = F.silu(gate) * upv * g.unsqueeze(-1)
+        rows = (ids.unsqueeze(-1) * I + torch.arange(I, device=x.device)).view(-1)
+        offsets = torch.arange(0, N * M * I, M * I, device=x.device)
+        return F.embedding_bag(rows, down, offsets, mode="sum", per_sample_weights=h.reshape(-1))

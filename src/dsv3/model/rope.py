@@ -68,19 +68,31 @@ def softmax_scale(config: ModelConfig) -> float:
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, attn_factor: float, dtype: torch.dtype
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attn_factor: float,
+    dtype: torch.dtype,
+    interleave: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, S] (or [S]) -> cos, sin [B, S, R/2] in `dtype`."""
+    """positions [B, S] -> cos, sin [B, S, 1, R] in `dtype`, laid out for `apply_rope` in `interleave`'s
+    layout: cos repeated onto both members of each rotated pair, sin negated on the first member."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return (freqs.cos() * attn_factor).to(dtype), (freqs.sin() * attn_factor).to(dtype)
+    cos, sin = freqs.cos() * attn_factor, freqs.sin() * attn_factor
+    if interleave:
+        cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    else:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x [B, S, H, R]; cos/sin [B, S, R/2] -> rotated x, same layout."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    """x [B, S, H, R]; cos/sin [B, S, 1, R] from `rope_cos_sin` -> rotated x, same layout.
+
+    Each pair (a, b) becomes (a cos - b sin, b cos + a sin), computed as x * cos + partner(x) * sin with
+    partner(x) = (b, a) and sin pre-negated on a: the same products and sums, so the same bits, in three
+    kernels instead of seven."""
     if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        partner = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        partner = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return x * cos + partner * sin

@@ -109,7 +109,8 @@ class Transformer(nn.Module):
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype)
+        cfg = self.config
+        return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
 
     # ----------------------------------------------------------------- forward
     def forward(

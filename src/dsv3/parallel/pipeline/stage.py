@@ -123,7 +123,9 @@ class PipelineStage(nn.Module):
             prev = inputs[1] if len(inputs) > 1 else None
         B, T = x.shape[:2]
         positions = torch.arange(T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, x.dtype)
+        cos, sin = rope_cos_sin(
+            positions, self.inv_freq, self.rope_attn_factor, x.dtype, self.config.rope_interleave
+        )
         stats: list[RouterStats] = []
         for layer in self.layers.values():
             x, s = layer(x, cos, sin)
