@@ -17,12 +17,13 @@ layout instead (`padded_slots`), which runs near the matmul peak where CPU group
 `GroupedExperts.forward_sorted` is the seam expert parallelism reuses after its all-to-all.
 
 Decode on CPU (the inference engine switches it on: no autograd, a few tokens) runs the routed and
-shared experts as two embedding bags instead (`MoE.forward_bags`): a product y = W x is the sum over d of x_d times row d of W^T, which is
-what `F.embedding_bag(..., per_sample_weights=x)` computes, and it can pick each (token, expert) pair's
-rows from one table holding every expert's W^T. So all of a token's experts (the shared one included,
-with gate 1) take one bag op for gate+up and one for down, the gate weights folded in before the down
-product, instead of ~10 small ops per active expert plus a sort. The tables are a second copy of the
-expert weights in [in, out] layout, built on first use and kept until the weights change.
+shared experts as two embedding bags instead (`MoE.forward_bags`): a product y = W x is the sum over d
+of x_d times row d of W^T, which is what `F.embedding_bag(..., per_sample_weights=x)` computes, and it
+can pick each (token, expert) pair's rows from one table holding every expert's W^T. So all of a
+token's experts (the shared one included, with gate 1) take one bag op for gate+up and one for down,
+the gate weights folded in before the down product, instead of ~10 small ops per active expert plus a
+sort. The tables are a second copy of the expert weights in [in, out] layout, built on first use and
+kept until the weights change.
 """
 
 from __future__ import annotations
