@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dsv3 import ModelConfig, Transformer, lm_loss
 from dsv3.model.moe import GroupedExperts
@@ -269,7 +270,9 @@ def test_moe_decode_bags_equal_grouped_experts(n_shared):
     model = Transformer(cfg).eval()
     layer = model.moe_layers()[0]
     layer.decode_bags = True
-    for N in (1, 3, 8):
+    threads = torch.get_num_threads()
+    for N, t in ((1, 1), (1, 2), (1, 3), (3, 2), (3, 4), (8, 2)):  # fewer tokens than threads: split bags
+        torch.set_num_threads(t)
         x = torch.randn(1, N, cfg.hidden_size)
         assert layer._bags_apply(x.view(N, -1))
         bags, _ = layer(x)
@@ -279,6 +282,7 @@ def test_moe_decode_bags_equal_grouped_experts(n_shared):
         finally:
             moe_mod._BAG_MAX_TOKENS = old
         torch.testing.assert_close(bags, ref, atol=1e-5, rtol=1e-5)
+    torch.set_num_threads(threads)
     with torch.no_grad():  # the tables follow in-place weight updates
         layer.experts.w2.mul_(2)
         if layer.shared_experts is not None:
@@ -289,3 +293,57 @@ def test_moe_decode_bags_equal_grouped_experts(n_shared):
     finally:
         moe_mod._BAG_MAX_TOKENS = old
     torch.testing.assert_close(layer(x)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gemv_equals_linear(dtype):
+    """PackedGEMV ([P, in, out/P] slabs, one bmm) = the Linears it packs, for any thread count; it follows
+    in-place weight updates and steps aside under autograd, for long inputs and for non-Linear modules."""
+    from dsv3.model.layers import MLP, PackedGEMV
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 96, bias=False).to(dtype), nn.Linear(64, 30, bias=False).to(dtype)
+    pack = PackedGEMV()
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3, 4):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                for shape in ((1, 1, 64), (8, 64), (2, 3, 64)):
+                    x = torch.randn(shape, dtype=dtype)
+                    y = pack(x, a, b)
+                    assert y is not None and y.shape == (*shape[:-1], 126)
+                    torch.testing.assert_close(y, torch.cat([a(x), b(x)], dim=-1), **tol)
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.randn(2, 64, dtype=dtype)
+    with torch.no_grad():
+        a.weight.mul_(-3)
+        torch.testing.assert_close(pack(x, a), a(x), **tol)
+        assert pack(torch.randn(40, 64, dtype=dtype), a) is None  # a GEMM, not a GEMV
+        assert pack(x, nn.Linear(64, 8, bias=True).to(dtype)) is None
+    assert pack(x, a) is None  # autograd on
+    mlp = MLP(64, 48).to(dtype)
+    with torch.no_grad():
+        ref = mlp(x)
+        mlp.decode_gemv = True
+        torch.testing.assert_close(mlp(x), ref, **tol)
+        assert mlp._gemv13._packed is not None
+
+
+def test_engine_decode_with_packed_gemv_matches_full_forward():
+    """The engine switches the packed GEMVs on; decode logits still equal a full re-forward."""
+    from dsv3.inference import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(_debug()).eval()
+    llm = LLM(model, max_batch_size=2, max_seq_len=64)
+    assert model.decode_gemv and all(m.decode_gemv for m in model.modules() if hasattr(m, "decode_gemv"))
+    prompt = torch.randint(2, model.config.vocab_size, (7,)).tolist()
+    out = llm.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        model.decode_gemv = False
+        ref = model(ids, with_mtp=False).logits[0, len(prompt) - 1 : -1].argmax(-1)
+    assert ref.tolist() == out.token_ids

@@ -129,8 +129,8 @@ class CacheView:
             self.length = num_new
             return
         dev = cache.c.device
+        self.length = max(starts.tolist()) + num_new  # host ints: no reduction kernel per step
         starts = starts.to(dev)
-        self.length = int(starts.max()) + num_new
         if self.length > cache.max_seq_len:
             raise ValueError(
                 f"position {self.length - 1} is past the cache's max_seq_len={cache.max_seq_len}"

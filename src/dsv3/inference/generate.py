@@ -40,6 +40,9 @@ class ModelRunner:
         self.no_grad = torch.no_grad if fp8 else torch.inference_mode
         for moe in model.moe_layers():  # CPU decode steps run the experts as embedding bags
             moe.decode_bags = True
+        for m in model.modules():  # and the head and dense MLPs as packed GEMVs (dsv3.model.layers)
+            if hasattr(m, "decode_gemv"):
+                m.decode_gemv = True
 
     @property
     def has_mtp(self) -> bool:
@@ -130,7 +133,7 @@ class ModelRunner:
             context = _Written(c_all, pe_all, mask.unsqueeze(1))
             x_last = x[rows, last].unsqueeze(1)  # [n, 1, D]
             y, _ = block(x_last, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1), context)
-            return model.head(module.norm(y[:, 0])).float()
+            return model.logits(module.norm(y[:, 0])).float()
 
 
 class _Written:

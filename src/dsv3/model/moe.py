@@ -67,7 +67,9 @@ class Gate(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> affinities s [N, E] in float32 (gating stays in high precision)."""
-        logits = F.linear(x.float(), self.weight.float())
+        f32 = torch.float32
+        w = self.weight if self.weight.dtype == f32 else self.weight.float()
+        logits = F.linear(x if x.dtype == f32 else x.float(), w)
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def select(
@@ -250,6 +252,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self._bags: tuple | None = None  # (key, up, down, n_shared_slots) cached by decode_tables
+        self._bag_consts: dict = {}  # index tensors of forward_bags per token count
         self.decode_bags = False  # set by the inference engine (dsv3.inference.generate.ModelRunner)
         self.n_routed_experts = config.n_routed_experts
         self.gate = Gate(config)
@@ -325,18 +328,41 @@ class MoE(nn.Module):
         g_j * silu(gate) * up, which is sum_j g_j * expert_j(x_n) in one op."""
         up, down, S = self.decode_tables(x.dtype)
         N, D = x.shape
-        E, I = self.n_routed_experts, up.shape[1] // 2
-        ids, g = indices, weights.to(x.dtype)
+        I = up.shape[1] // 2
+        ar_d, ar_i, shared_ids, ones, up_offsets, down_offsets, P = self._bag_constants(N, D, I, S, x)
+        ids, g = indices, weights if weights.dtype == x.dtype else weights.to(x.dtype)
         if S:
-            ids = torch.cat([ids, torch.arange(E, E + S, device=x.device).expand(N, S)], dim=1)
-            g = torch.cat([g, g.new_ones(N, S)], dim=1)
+            ids, g = torch.cat([ids, shared_ids], dim=1), torch.cat([g, ones], dim=1)
         M = ids.shape[1]
-        rows = (ids.unsqueeze(-1) * D + torch.arange(D, device=x.device)).view(-1)
-        offsets = torch.arange(0, N * M * D, D, device=x.device)
+        rows = torch.add(ar_d, ids.unsqueeze(-1), alpha=D).view(-1)  # e*D + d
         xs = x.unsqueeze(1).expand(N, M, D).reshape(-1)
-        h = F.embedding_bag(rows, up, offsets, mode="sum", per_sample_weights=xs).view(N, M, 2 * I)
+        h = F.embedding_bag(rows, up, up_offsets, mode="sum", per_sample_weights=xs).view(N, M, 2 * I)
         gate, upv = h.split(I, dim=-1)
-        h = F.silu(gate) * upv * g.unsqueeze(-1)
-        rows = (ids.unsqueeze(-1) * I + torch.arange(I, device=x.device)).view(-1)
-        offsets = torch.arange(0, N * M * I, M * I, device=x.device)
-        return F.embedding_bag(rows, down, offsets, mode="sum", per_sample_weights=h.reshape(-1))
+        h = F.silu(gate).mul_(upv).mul_(g.unsqueeze(-1))
+        rows = torch.add(ar_i, ids.unsqueeze(-1), alpha=I).view(-1)
+        y = F.embedding_bag(rows, down, down_offsets, mode="sum", per_sample_weights=h.view(-1))
+        return y if P == 1 else y.view(N, P, D).sum(dim=1)
+
+    def _bag_constants(self, N: int, D: int, I: int, S: int, x: torch.Tensor) -> tuple:
+        """Index tensors `forward_bags` needs for N tokens, built once per (N, dtype, threads).
+
+        embedding_bag runs its bags in parallel: with fewer tokens than threads, each token's down bag is
+        split into P parts (summed after) so that every thread streams a share of the rows."""
+        key = (N, x.dtype, x.device, torch.get_num_threads())
+        consts = self._bag_consts.get(key)
+        if consts is None:
+            E, dev = self.n_routed_experts, x.device
+            M = self.gate.topk + S
+            P = torch.get_num_threads() if torch.get_num_threads() > N else 1
+            P = P if (M * I) % P == 0 else 1
+            consts = (
+                torch.arange(D, device=dev),
+                torch.arange(I, device=dev),
+                torch.arange(E, E + S, device=dev).expand(N, S),
+                torch.ones(N, S, dtype=x.dtype, device=dev),
+                torch.arange(0, N * M * D, D, device=dev),
+                torch.arange(0, N * M * I, M * I // P, device=dev),
+                P,
+            )
+            self._bag_consts[key] = consts
+        return consts

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.layers import MLP, PackedGEMV, RMSNorm
 from dsv3.model.loss import cross_entropy
 from dsv3.model.mla import MLA, LatentCache
 from dsv3.model.moe import MoE, RouterStats
@@ -81,6 +81,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
         inv_freq, self.rope_attn_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.decode_gemv = False  # set by the inference engine: few-row head products as a packed GEMV
+        self._head_gemv = PackedGEMV()
         self.init_weights()
 
     # ----------------------------------------------------------------- setup
@@ -112,6 +114,14 @@ class Transformer(nn.Module):
         cfg = self.config
         return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head (shared by the MTP modules); at decode a packed GEMV (`PackedGEMV`)."""
+        if self.decode_gemv:
+            y = self._head_gemv(hidden, self.head)
+            if y is not None:
+                return y
+        return self.head(hidden)
+
     # ----------------------------------------------------------------- forward
     def forward(
         self,
@@ -132,7 +142,7 @@ class Transformer(nn.Module):
             if s is not None:
                 stats.append(s)
         hidden = self.norm(x)
-        out = ModelOutput(logits=self.head(hidden), hidden=hidden, router_stats=stats)
+        out = ModelOutput(logits=self.logits(hidden), hidden=hidden, router_stats=stats)
         if with_mtp if with_mtp is not None else (cache is None and len(self.mtp) > 0):
             h = hidden
             for k, module in enumerate(self.mtp, start=1):
@@ -140,7 +150,7 @@ class Transformer(nn.Module):
                 h, s = module(h, self.embed(shifted), cos, sin)
                 if s is not None:
                     stats.append(s)
-                out.mtp_logits.append(self.head(module.norm(h)))
+                out.mtp_logits.append(self.logits(module.norm(h)))
         return out
 
     def mtp_step(
@@ -156,7 +166,7 @@ class Transformer(nn.Module):
         emb = self.embed(next_ids)
         cos, sin = self.rope(positions, emb.dtype)
         h, _ = module(h, emb, cos, sin, cache)
-        return self.head(module.norm(h)), h
+        return self.logits(module.norm(h)), h
 
     def save_pretrained(self, path: str, **kw) -> object:
         """Write an HF-format directory; see dsv3.checkpoint.save_pretrained for the options."""
