@@ -337,7 +337,7 @@ class MoE(nn.Module):
         rows = torch.add(ar_d, ids.unsqueeze(-1), alpha=D).view(-1)  # e*D + d
         xs = x.unsqueeze(1).expand(N, M, D).reshape(-1)
         h = F.embedding_bag(rows, up, up_offsets, mode="sum", per_sample_weights=xs).view(N, M, 2 * I)
-        gate, upv = h.split(I, dim=-1)
+        gate, upv = h.chunk(2, dim=-1)
         h = F.silu(gate).mul_(upv).mul_(g.unsqueeze(-1))
         rows = torch.add(ar_i, ids.unsqueeze(-1), alpha=I).view(-1)
         y = F.embedding_bag(rows, down, down_offsets, mode="sum", per_sample_weights=h.view(-1))
