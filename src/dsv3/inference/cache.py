@@ -157,6 +157,8 @@ class CacheView:
             cache.pe[layer_id, lo:hi, :S] = pe
             return c, pe
         cc, pp = cache.c[layer_id], cache.pe[layer_id]
-        cc.index_put_((self._rows, self._pos), c.reshape(-1, c.shape[-1]).to(cc.dtype))
-        pp.index_put_((self._rows, self._pos), pe.reshape(-1, pe.shape[-1]).to(pp.dtype))
+        if c.dtype != cc.dtype:  # a cache in another dtype than the activations
+            c, pe = c.to(cc.dtype), pe.to(pp.dtype)
+        cc.index_put_((self._rows, self._pos), c.reshape(-1, c.shape[-1]))
+        pp.index_put_((self._rows, self._pos), pe.reshape(-1, pe.shape[-1]))
         return cc[lo:hi, : self.length], pp[lo:hi, : self.length]

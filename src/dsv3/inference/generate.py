@@ -58,8 +58,11 @@ class ModelRunner:
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         view = self.cache.prefill_view(slot, n, P)
         with self.no_grad():
-            out = self.model(ids, cache=view, with_mtp=False)
-            last = out.logits[torch.arange(n, device=self.device), lengths - 1]
+            # the head runs only at the distinct last positions (one column when the lengths are equal)
+            keep = torch.unique(lengths - 1)  # sorted
+            out = self.model(ids, cache=view, with_mtp=False, logits_to_keep=keep)
+            col = torch.searchsorted(keep, lengths - 1)
+            last = out.logits[torch.arange(n, device=self.device), col]
         for b, p in enumerate(prompts):
             self.cache.lengths[slot + b] = len(p)
         return PrefillResult(last.float(), out.hidden, ids, lengths)

@@ -69,7 +69,7 @@ class PackedGEMV:
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             O, K = w.shape
             P = next(p for p in range(min(P, 8), 0, -1) if O % p == 0)
-            self._packed = w.detach().view(P, O // P, K).transpose(1, 2).contiguous()
+            self._packed = w.detach().reshape(P, O // P, K).transpose(1, 2).contiguous()
             self._key = key
         w = self._packed
         P, K, Op = w.shape

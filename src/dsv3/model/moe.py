@@ -188,7 +188,10 @@ class GroupedExperts(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.device.type == "cpu" and x.shape[0] < self.n_experts and not torch.is_grad_enabled():
             return self._forward_active(x, counts)
-        layout = padded_slots(counts, x.shape[0]) if x.device.type == "cpu" else None
+        # the padded layout pays off in training (BF16, with the backward); FP32 inference (prefill) runs
+        # faster on grouped_mm: 1.3 vs 2.3-3.2 ms at 128 tokens, 8-11 vs 8.5-15 ms at 1024 (tiny preset)
+        fp32_inference = x.dtype == torch.float32 and not torch.is_grad_enabled()
+        layout = padded_slots(counts, x.shape[0]) if x.device.type == "cpu" and not fp32_inference else None
         if layout is not None:  # pad once, run the whole SwiGLU on [E, cap, .], unpad once
             slot, cap = layout
             E = self.n_experts

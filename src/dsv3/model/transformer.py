@@ -129,8 +129,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: LatentCache | None = None,
         with_mtp: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> ModelOutput:
-        """input_ids [B, T] -> ModelOutput. positions [B, T] default 0..T-1. MTP runs without a cache."""
+        """input_ids [B, T] -> ModelOutput. positions [B, T] default 0..T-1. MTP runs without a cache.
+
+        logits_to_keep (as in transformers): 0 = logits at every position; N > 0 = the last N positions;
+        a 1-D index tensor = those positions (`.logits` is then [B, len, V]; `.hidden` stays whole).
+        Prefill needs the last prompt position only, and the head over every position is ~10% of it."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -142,7 +147,11 @@ class Transformer(nn.Module):
             if s is not None:
                 stats.append(s)
         hidden = self.norm(x)
-        out = ModelOutput(logits=self.logits(hidden), hidden=hidden, router_stats=stats)
+        if isinstance(logits_to_keep, int):
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            kept = hidden[:, logits_to_keep]
+        out = ModelOutput(logits=self.logits(kept), hidden=hidden, router_stats=stats)
         if with_mtp if with_mtp is not None else (cache is None and len(self.mtp) > 0):
             h = hidden
             for k, module in enumerate(self.mtp, start=1):
