@@ -347,3 +347,19 @@ def test_engine_decode_with_packed_gemv_matches_full_forward():
         model.decode_gemv = False
         ref = model(ids, with_mtp=False).logits[0, len(prompt) - 1 : -1].argmax(-1)
     assert ref.tolist() == out.token_ids
+
+
+@torch.no_grad()
+def test_logits_to_keep_selects_positions():
+    """logits_to_keep (transformers' convention): N > 0 keeps the last N positions, an index tensor the
+    given ones; the hidden states stay whole and the kept logits equal the full ones."""
+    torch.manual_seed(0)
+    model = Transformer(_debug()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    full = model(ids, with_mtp=False)
+    last2 = model(ids, with_mtp=False, logits_to_keep=2)
+    picked = model(ids, with_mtp=False, logits_to_keep=torch.tensor([0, 5]))
+    assert last2.logits.shape[1] == 2 and picked.logits.shape[1] == 2
+    torch.testing.assert_close(last2.logits, full.logits[:, -2:])
+    torch.testing.assert_close(picked.logits, full.logits[:, [0, 5]])
+    torch.testing.assert_close(last2.hidden, full.hidden)
