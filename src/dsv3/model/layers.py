@@ -22,6 +22,12 @@ from torch import nn
 _GEMV_MAX_ROWS = 32
 
 
+def weights_key(*weights: torch.Tensor) -> tuple:
+    """Identity of weights' current values (storage and in-place version counter): caches derived from
+    weights (packed copies, absorbed MLA matrices, expert tables) are rebuilt when it changes."""
+    return tuple((w.data_ptr(), w._version) for w in weights)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -64,7 +70,7 @@ class PackedGEMV:
         ):
             return None
         P = torch.get_num_threads()
-        key = (P, *((w.data_ptr(), w._version) for w in weights))
+        key = (P, weights_key(*weights))
         if key != self._key:
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             O, K = w.shape

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import RMSNorm
+from dsv3.model.layers import RMSNorm, weights_key
 from dsv3.model.rope import apply_rope, softmax_scale
 
 # Largest B * heads * S * T for the CPU matmul attention (its BF16 scores and FP32 probabilities are
@@ -240,7 +240,7 @@ class MLA(nn.Module):
         w = self.wkv_b.weight
         key = None
         if not torch.is_grad_enabled() and not w.is_inference():
-            key = (w.data_ptr(), w._version, dtype)
+            key = (weights_key(w), dtype)
             if self._absorbed is not None and self._absorbed[0] == key:
                 return self._absorbed[1], self._absorbed[2]
         wkv_b = linear_weight(self.wkv_b).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP
+from dsv3.model.layers import MLP, weights_key
 
 
 @dataclass
@@ -306,7 +306,7 @@ class MoE(nn.Module):
         is split into S slots. Kept until a weight's storage or version counter changes."""
         ex, sh = self.experts, self.shared_experts
         params = [ex.w1, ex.w2, ex.w3] + ([] if sh is None else [sh.w1.weight, sh.w2.weight, sh.w3.weight])
-        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        key = (dtype, weights_key(*params))
         if self._bags is not None and self._bags[0] == key:
             return self._bags[1:]
         E, I, D = ex.w1.shape
