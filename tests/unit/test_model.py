@@ -46,6 +46,9 @@ def test_forward_shapes_and_router_stats():
     for s in out.router_stats:
         assert s.counts.sum().item() == 2 * 10 * cfg.num_experts_per_tok
     assert model(ids, with_mtp=False).mtp_logits == []
+    with torch.inference_mode():  # counts are tallied on first access, here outside inference mode
+        stats = model(ids, with_mtp=False).router_stats
+    assert torch.equal(stats[0].counts, out.router_stats[0].counts)
 
 
 @torch.no_grad()
@@ -295,15 +298,17 @@ def test_moe_decode_bags_equal_grouped_experts(n_shared):
     torch.testing.assert_close(layer(x)[0], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("slabs", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_gemv_equals_linear(dtype):
-    """PackedGEMV ([P, in, out/P] slabs, one bmm) = the Linears it packs, for any thread count; it follows
-    in-place weight updates and steps aside under autograd, for long inputs and for non-Linear modules."""
+def test_packed_gemv_equals_linear(dtype, slabs):
+    """PackedGEMV ([P, in, out/P] slabs, one bmm; or one concatenated Linear) = the Linears it packs, for
+    any thread count; it follows in-place weight updates and steps aside under autograd, for long inputs
+    and for non-Linear modules."""
     from dsv3.model.layers import MLP, PackedGEMV
 
     torch.manual_seed(0)
     a, b = nn.Linear(64, 96, bias=False).to(dtype), nn.Linear(64, 30, bias=False).to(dtype)
-    pack = PackedGEMV()
+    pack = PackedGEMV(slabs=slabs)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     threads = torch.get_num_threads()
     try:

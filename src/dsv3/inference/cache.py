@@ -5,8 +5,10 @@ c = kv_norm(c_kv) (kv_lora_rank values) and the roped, head-shared k_pe (qk_rope
 576 values for DeepSeek-V3, i.e. 61 * 576 * 2 = 70,272 bytes per token in BF16, where a naive cache of
 per-head keys and values would hold 61 * 128 * (192 + 128) * 2 = 4,997,120.
 
-Storage is two tensors, c [layers, slots, max_seq_len, C] and pe [layers, slots, max_seq_len, R], one
-slot per running sequence, plus one length per slot (the number of valid positions). Layers are indexed
+Storage is one tensor kv [layers, slots, max_seq_len, C + R] holding [c; pe] per position (`c` and `pe`
+are views of its two column ranges), one slot per running sequence, plus one length per slot (the number
+of valid positions). Keeping c and pe side by side lets a decode step write a token's latent with one
+copy and score it with one GEMM (`MLA.attend_absorbed`). Layers are indexed
 by the model's layer_id: the main layers 0..L-1, then one layer per MTP module (L + k - 1), which the
 speculative decoder fills. Rolling back rejected draft tokens is just lowering a length: positions past
 it are masked out and overwritten later.
@@ -59,9 +61,10 @@ class LatentKVCache:
         self.max_seq_len = max_seq_len
         self.kv_lora_rank = config.kv_lora_rank
         self.rope_dim = config.qk_rope_head_dim
-        shape = (self.num_layers, max_batch_size, max_seq_len)
-        self.c = torch.zeros(*shape, self.kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(*shape, self.rope_dim, dtype=dtype, device=device)
+        shape = (self.num_layers, max_batch_size, max_seq_len, self.kv_lora_rank + self.rope_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.c = self.kv[..., : self.kv_lora_rank]  # views: [layers, slots, max_seq_len, C] and [.., R]
+        self.pe = self.kv[..., self.kv_lora_rank :]
         self.lengths = [0] * max_batch_size  # valid positions per slot (host ints)
 
     @property
@@ -75,14 +78,13 @@ class LatentKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.c.numel() * self.c.element_size() + self.pe.numel() * self.pe.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's valid positions into slot dst (compaction when a sequence leaves)."""
         n = self.lengths[src]
         if src != dst and n:
-            self.c[:, dst, :n] = self.c[:, src, :n]
-            self.pe[:, dst, :n] = self.pe[:, src, :n]
+            self.kv[:, dst, :n] = self.kv[:, src, :n]
         self.lengths[dst] = n
         self.lengths[src] = 0
 
@@ -136,8 +138,8 @@ class CacheView:
                 f"position {self.length - 1} is past the cache's max_seq_len={cache.max_seq_len}"
             )
         pos = starts[:, None] + torch.arange(num_new, device=dev)[None, :]  # [n, S]
-        self._rows = torch.arange(slot, slot + n, device=dev).repeat_interleave(num_new)
-        self._pos = pos.reshape(-1)
+        rows = torch.arange(slot, slot + n, device=dev).repeat_interleave(num_new)
+        self._flat = rows * cache.max_seq_len + pos.reshape(-1)  # row index into kv[layer] as [slots*T, C+R]
         self.mask = torch.arange(self.length, device=dev)[None, None, :] <= pos[:, :, None]  # [n, S, T]
 
     def score_bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -156,9 +158,10 @@ class CacheView:
             cache.c[layer_id, lo:hi, :S] = c
             cache.pe[layer_id, lo:hi, :S] = pe
             return c, pe
-        cc, pp = cache.c[layer_id], cache.pe[layer_id]
-        if c.dtype != cc.dtype:  # a cache in another dtype than the activations
-            c, pe = c.to(cc.dtype), pe.to(pp.dtype)
-        cc.index_put_((self._rows, self._pos), c.reshape(-1, c.shape[-1]))
-        pp.index_put_((self._rows, self._pos), pe.reshape(-1, pe.shape[-1]))
-        return cc[lo:hi, : self.length], pp[lo:hi, : self.length]
+        kv = cache.kv[layer_id]
+        new = torch.cat([c, pe], dim=-1)  # [n, S, C+R]: one copy into the cache instead of two
+        if new.dtype != kv.dtype:  # a cache in another dtype than the activations
+            new = new.to(kv.dtype)
+        kv.view(-1, kv.shape[-1]).index_copy_(0, self._flat, new.view(-1, kv.shape[-1]))
+        c_all, pe_all = kv[lo:hi, : self.length].split_with_sizes([cache.kv_lora_rank, cache.rope_dim], -1)
+        return c_all, pe_all

@@ -139,7 +139,7 @@ class PrefillEngine(Engine):
         """Copy a just-prefilled request out of the cache into shared memory and free its slot."""
         r = self.requests[request_id]
         s, n = r.slot, self.cache.lengths[r.slot]
-        kv = torch.cat([self.cache.c[:, s, :n], self.cache.pe[:, s, :n]], dim=-1).cpu()  # [layers, S, C + R]
+        kv = self.cache.kv[:, s, :n].to("cpu", copy=True)  # [layers, S, C + R], its own storage
         draft = None if r.draft_logits is None else r.draft_logits.cpu().clone()
         payload = bytes(ForkingPickler.dumps((kv, draft)))
         gen = None if r.generator is None else r.generator.get_state().numpy().tobytes()
@@ -172,9 +172,7 @@ class DecodeEngine(Engine):
         req = _Request(h.out, h.params, gen, h.stop_ids, emitted_text=h.emitted_text)
         req.draft_logits = draft_logits.to(cache.c.device) if self.speculative else None
         s = req.slot = len(self.running)
-        C = cache.kv_lora_rank
-        cache.c[:, s, :n] = kv[..., :C]
-        cache.pe[:, s, :n] = kv[..., C:]
+        cache.kv[:, s, :n] = kv
         cache.lengths[s] = n
         self.running.append(req)
         self.requests[rid] = req

@@ -49,38 +49,52 @@ class PackedGEMV:
     concatenated weights (one `bmm`, P slabs read in parallel). Returns None where it does not apply
     (autograd, not CPU fp32/bf16, more than _GEMV_MAX_ROWS rows, not plain nn.Linear, inference tensors
     without version counters); the caller then runs its Linears. The copy is rebuilt when a weight's
-    storage or version counter changes, so in-place updates are seen."""
+    storage or version counter changes, so in-place updates are seen.
 
-    def __init__(self) -> None:
+    slabs=False keeps the concatenation in the [out, in] layout and runs one `F.linear`: for weights too
+    small for the slab split to pay (MLA's down-projections), what is saved is the separate calls."""
+
+    def __init__(self, slabs: bool = True) -> None:
+        self.slabs = slabs
         self._key: tuple | None = None
-        self._packed: torch.Tensor | None = None
+        self._packed: torch.Tensor | None = None  # None: does not apply to the weights of _key
 
     def __call__(self, x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
-        if (
-            x.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or x.numel() > _GEMV_MAX_ROWS * x.shape[-1]
-            or any(type(m) is not nn.Linear or m.bias is not None for m in linears)
-        ):
+        # decode calls this a few times per token: the hit path is a key compare (~1 us); every check
+        # on the modules and weights runs when the key changes, and its verdict is cached with it
+        if torch.is_grad_enabled() or x.numel() > _GEMV_MAX_ROWS * x.shape[-1]:
             return None
-        weights = [m.weight for m in linears]
-        if any(w.dtype != x.dtype or w.is_inference() for w in weights) or x.dtype not in (
-            torch.float32,
-            torch.bfloat16,
-        ):
+        try:
+            key = (x.dtype, torch.get_num_threads(), weights_key(*[m.weight for m in linears]))
+        except (AttributeError, RuntimeError):  # no .weight, or inference tensors (no version counter)
             return None
-        P = torch.get_num_threads()
-        key = (P, weights_key(*weights))
         if key != self._key:
-            w = torch.cat(weights) if len(weights) > 1 else weights[0]
-            O, K = w.shape
-            P = next(p for p in range(min(P, 8), 0, -1) if O % p == 0)
-            self._packed = w.detach().reshape(P, O // P, K).transpose(1, 2).contiguous()
+            self._packed = self._pack(x.dtype, linears)
             self._key = key
         w = self._packed
+        if w is None:
+            return None
+        if not self.slabs:
+            return F.linear(x, w)
         P, K, Op = w.shape
         y = torch.bmm(x.reshape(1, -1, K).expand(P, -1, K), w)  # [P, rows, O/P]
         return y.transpose(0, 1).reshape(*x.shape[:-1], P * Op)
+
+    def _pack(self, dtype: torch.dtype, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
+        """The packed copy of the linears' weights, or None where the packed product does not apply."""
+        weights = [m.weight for m in linears]
+        if (
+            dtype not in (torch.float32, torch.bfloat16)
+            or any(type(m) is not nn.Linear or m.bias is not None for m in linears)
+            or any(w.dtype != dtype or w.device.type != "cpu" for w in weights)
+        ):
+            return None
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if self.slabs:
+            O, K = w.shape
+            P = next(p for p in range(min(torch.get_num_threads(), 8), 0, -1) if O % p == 0)
+            w = w.reshape(P, O // P, K).transpose(1, 2).contiguous()
+        return w.detach()
 
     def linear(self, x: torch.Tensor, layer: nn.Module, enabled: bool) -> torch.Tensor:
         """layer(x), as a packed GEMV when enabled and it applies."""

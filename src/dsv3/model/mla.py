@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import RMSNorm, weights_key
+from dsv3.model.layers import PackedGEMV, RMSNorm, weights_key
 from dsv3.model.rope import apply_rope, softmax_scale
 
 # Largest B * heads * S * T for the CPU matmul attention (its BF16 scores and FP32 probabilities are
@@ -104,13 +104,18 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.wo = nn.Linear(H * c.v_head_dim, D, bias=False)
         self._absorbed: tuple | None = None  # (key, w_uk, w_uv) cached by absorbed_weights at inference
+        self.decode_gemv = False  # set by the inference engine: wq_a and wkv_a as one product at decode
+        self._gemv_a = PackedGEMV(slabs=False)
 
     def query(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_a: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, D] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]."""
+        """x [B, S, D] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]. q_a: wq_a x, if already computed."""
         B, S, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        if self.q_lora_rank is None:
+            q = self.wq(x)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x) if q_a is None else q_a))
         # split_with_sizes: Tensor.split's Python wrapper costs ~2 us per call, which decode pays per layer
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split_with_sizes(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1
@@ -118,18 +123,25 @@ class MLA(nn.Module):
         return q_nope, apply_rope(q_pe, cos, sin, self.rope_interleave)
 
     def latent(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_a: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, D] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]: what the cache stores."""
-        c, pe = self.wkv_a(x).split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        """x [B, S, D] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]: what the cache stores.
+        kv_a: wkv_a x, if already computed."""
+        kv_a = self.wkv_a(x) if kv_a is None else kv_a
+        c, pe = kv_a.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         pe = apply_rope(pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)
         return self.kv_norm(c), pe
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
     ) -> torch.Tensor:
-        q_nope, q_pe = self.query(x, cos, sin)
-        c, pe = self.latent(x, cos, sin)
+        q_a = kv_a = None
+        if self.decode_gemv and self.q_lora_rank is not None:  # both down-projections in one product
+            a = self._gemv_a(x, self.wq_a, self.wkv_a)
+            if a is not None:
+                q_a, kv_a = a.split_with_sizes([self.q_lora_rank, a.shape[-1] - self.q_lora_rank], dim=-1)
+        q_nope, q_pe = self.query(x, cos, sin, q_a)
+        c, pe = self.latent(x, cos, sin, kv_a)
         mask = None
         if cache is not None:
             c, pe = cache.update(self.layer_id, c, pe)

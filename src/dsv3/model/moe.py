@@ -40,11 +40,22 @@ from dsv3.model.layers import MLP, weights_key
 
 @dataclass
 class RouterStats:
-    """What training needs from one MoE layer's router on one forward."""
+    """What training needs from one MoE layer's router on one forward.
 
-    counts: torch.Tensor  # [E] tokens routed to each expert (float, no grad)
+    `counts` is tallied from `indices` on first access when not given (the inference engine never asks,
+    and the tally is four small ops per MoE layer per decode step)."""
+
+    _counts: torch.Tensor | None  # [E] tokens routed to each expert (float, no grad)
     seq_balance_loss: torch.Tensor  # sum_i f_i P_i per sequence, averaged over sequences (no alpha)
     aux_loss: torch.Tensor  # the same over the whole batch: the classic auxiliary loss (no alpha)
+    indices: torch.Tensor | None = None  # [N, K] routed experts, when counts is tallied lazily
+    n_experts: int = 0
+
+    @property
+    def counts(self) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = expert_counts(self.indices.reshape(-1), self.n_experts).float()
+        return self._counts
 
 
 class Gate(nn.Module):
@@ -254,7 +265,7 @@ _BAG_MAX_TOKENS = 32
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self._bags: tuple | None = None  # (key, up, down, n_shared_slots) cached by decode_tables
+        self._bags: tuple | None = None  # (key, (up, down, n_shared_slots) or None) from decode_tables
         self._bag_consts: dict = {}  # index tensors of forward_bags per token count
         self.decode_bags = False  # set by the inference engine (dsv3.inference.generate.ModelRunner)
         self.n_routed_experts = config.n_routed_experts
@@ -271,44 +282,55 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.reshape(-1, D)
         weights, indices, scores = self.gate(x)
-        if self._bags_apply(x):
-            y = self.forward_bags(x, weights, indices)
+        tables = self._bags_apply(x)
+        if tables is not None:
+            y = self.forward_bags(x, weights, indices, tables)
         else:
             y = self.experts(x, weights, indices)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
-        counts = expert_counts(indices.reshape(-1), self.n_routed_experts).float()
         if torch.is_grad_enabled():
             seq, aux = balance_losses(scores, indices, B)
         else:
             seq = aux = scores.new_zeros(())
-        return y.view(B, T, D), RouterStats(counts, seq, aux)
+        return y.view(B, T, D), RouterStats(None, seq, aux, indices, self.n_routed_experts)
 
     # ----------------------------------------------------------------- CPU decode: experts as bags
-    def _bags_apply(self, x: torch.Tensor) -> bool:
-        sh = self.shared_experts
-        return (
-            self.decode_bags
-            and x.shape[0] <= _BAG_MAX_TOKENS
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled()
-            and type(self.experts) is GroupedExperts  # not FP8 or expert-parallel variants
-            and not self.experts.w1.is_inference()  # no version counter to key the tables on
-            and (sh is None or all(type(m) is nn.Linear for m in (sh.w1, sh.w2, sh.w3)))
-        )
+    def _bags_apply(self, x: torch.Tensor) -> tuple | None:
+        """`forward_bags`' tables when the embedding-bag path applies to x [N, D], else None."""
+        if not self.decode_bags or x.shape[0] > _BAG_MAX_TOKENS or torch.is_grad_enabled():
+            return None
+        return self.decode_tables(x.dtype)
 
-    def decode_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def decode_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """Embedding-bag tables: up [(E+S)*D, 2I] (each expert's [w1; w3]^T) and down [(E+S)*I, D]
         (each expert's w2^T), S = shared experts as width-I slots after the E routed ones.
 
         A shared MLP of width S*I is S experts of width I summed (SwiGLU acts per hidden unit), so it
-        is split into S slots. Kept until a weight's storage or version counter changes."""
+        is split into S slots. Kept until a weight's storage or version counter changes. None where
+        the bag path does not apply: not CPU FP32/BF16, FP8 or expert-parallel experts, inference
+        tensors (no version counter to key the tables on); that verdict is kept with the key too."""
         ex, sh = self.experts, self.shared_experts
-        params = [ex.w1, ex.w2, ex.w3] + ([] if sh is None else [sh.w1.weight, sh.w2.weight, sh.w3.weight])
-        key = (dtype, weights_key(*params))
-        if self._bags is not None and self._bags[0] == key:
-            return self._bags[1:]
+        try:
+            params = [ex.w1, ex.w2, ex.w3]
+            if sh is not None:
+                params += [sh.w1.weight, sh.w2.weight, sh.w3.weight]
+            key = (dtype, weights_key(*params))
+        except (AttributeError, RuntimeError):  # other expert modules, inference tensors
+            return None
+        if self._bags is None or self._bags[0] != key:
+            applies = (
+                type(ex) is GroupedExperts
+                and dtype in (torch.float32, torch.bfloat16)
+                and ex.w1.device.type == "cpu"
+                and (sh is None or all(type(m) is nn.Linear for m in (sh.w1, sh.w2, sh.w3)))
+            )
+            self._bags = (key, self._build_tables(dtype) if applies else None)
+        return self._bags[1]
+
+    @torch.no_grad()
+    def _build_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        ex, sh = self.experts, self.shared_experts
         E, I, D = ex.w1.shape
         w1, w2, w3 = ex.w1, ex.w2, ex.w3
         S = 0
@@ -317,19 +339,19 @@ class MoE(nn.Module):
             w1 = torch.cat([w1, sh.w1.weight.view(S, I, D)])
             w3 = torch.cat([w3, sh.w3.weight.view(S, I, D)])
             w2 = torch.cat([w2, sh.w2.weight.view(D, S, I).transpose(0, 1)])
-        with torch.no_grad():
-            up = torch.cat([w1, w3], dim=1).transpose(1, 2).to(dtype).contiguous().view(-1, 2 * I)
-            down = w2.transpose(1, 2).to(dtype).contiguous().view(-1, D)
-        self._bags = (key, up, down, S)
+        up = torch.cat([w1, w3], dim=1).transpose(1, 2).to(dtype).contiguous().view(-1, 2 * I)
+        down = w2.transpose(1, 2).to(dtype).contiguous().view(-1, D)
         return up, down, S
 
-    def forward_bags(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward_bags(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, tables: tuple | None = None
+    ) -> torch.Tensor:
         """x [N, D], gate weights/indices [N, K] -> routed + shared expert output [N, D] (no autograd).
 
         Bag (n, j) sums rows e_j*D .. e_j*D+D-1 of `up` weighted by x_n: token n's gate and up
         projections through expert e_j. The down bag of token n sums its M experts' w2^T rows weighted by
         g_j * silu(gate) * up, which is sum_j g_j * expert_j(x_n) in one op."""
-        up, down, S = self.decode_tables(x.dtype)
+        up, down, S = self.decode_tables(x.dtype) if tables is None else tables
         N, D = x.shape
         I = up.shape[1] // 2
         ar_d, ar_i, shared_ids, ones, up_offsets, down_offsets, P = self._bag_constants(N, D, I, S, x)
