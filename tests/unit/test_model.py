@@ -368,3 +368,28 @@ def test_logits_to_keep_selects_positions():
     torch.testing.assert_close(last2.logits, full.logits[:, -2:])
     torch.testing.assert_close(picked.logits, full.logits[:, [0, 5]])
     torch.testing.assert_close(last2.hidden, full.hidden)
+
+
+def test_rmsnorm_cpu_inference_path_matches_formula():
+    """FP32 inference on CPU (LayerNorm over [x, -x]) = the training formula up to FP32 summation order,
+    for tiny and large activations; it follows in-place weight updates; many rows keep torch's rms_norm."""
+    from dsv3.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    for D in (16, 64, 256, 1024):
+        norm = RMSNorm(D)
+        with torch.no_grad():
+            norm.weight.normal_()
+        for scale in (1e-3, 1.0, 100.0):
+            x = torch.randn(2, 3, D) * scale
+            ref = norm(x).detach()  # grad mode: the training formula
+            with torch.no_grad():
+                y = norm(x)
+            assert norm._weight2 is not None
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        norm.weight.mul_(2)
+        torch.testing.assert_close(norm(x), 2 * ref, rtol=1e-5, atol=1e-5)
+        norm._weight2 = None
+        norm(torch.randn(64, D))  # more rows than a decode step: torch's rms_norm, no cached weight
+        assert norm._weight2 is None
