@@ -393,3 +393,21 @@ def test_rmsnorm_cpu_inference_path_matches_formula():
         norm._weight2 = None
         norm(torch.randn(64, D))  # more rows than a decode step: torch's rms_norm, no cached weight
         assert norm._weight2 is None
+
+
+def test_rope_table_at_inference_equals_direct_computation():
+    """Without autograd the model looks cos/sin up in a table of every position: the same values as
+    computing them for the positions asked; positions past the table fall back to computing them."""
+    cfg = _debug(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    model = Transformer(cfg)
+    positions = torch.tensor([[0, 5, 17], [cfg.max_position_embeddings - 1, 3, 2]])
+    direct = model.rope(positions, torch.float32)  # grad mode: computed directly
+    with torch.no_grad():
+        looked_up = model.rope(positions, torch.float32)
+        assert model._rope_table is not None
+        far = model.rope(torch.tensor([[cfg.max_position_embeddings + 7]]), torch.float32)
+    for a, b in zip(direct, looked_up):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    ref = model.rope(torch.tensor([[cfg.max_position_embeddings + 7]]), torch.float32)
+    for a, b in zip(ref, far):
+        assert torch.equal(a, b)

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP, PackedGEMV, RMSNorm
+from dsv3.model.layers import MLP, PackedGEMV, RMSNorm, weights_key
 from dsv3.model.loss import cross_entropy
 from dsv3.model.mla import MLA, LatentCache
 from dsv3.model.moe import MoE, RouterStats
@@ -24,6 +25,7 @@ from dsv3.model.mtp import MTPModule
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
 IGNORE_INDEX = -100
+_ROPE_TABLE_MAX = 1 << 16  # most positions the inference RoPE table covers (64K x 2R values)
 _CE = cross_entropy
 
 
@@ -83,6 +85,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decode_gemv = False  # set by the inference engine: few-row head products as a packed GEMV
         self._head_gemv = PackedGEMV()
+        self._rope_table: tuple | None = None  # (key, [positions, 2R] cos|sin) for inference, see rope()
         self.init_weights()
 
     # ----------------------------------------------------------------- setup
@@ -111,7 +114,21 @@ class Transformer(nn.Module):
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, 1, R] for positions [B, S] (`rope_cos_sin`). Without autograd (inference)
+        they are rows of a table of every position, built once: a decode step then looks its positions
+        up in one op instead of computing ~10 small kernels."""
         cfg = self.config
+        if not torch.is_grad_enabled() and cfg.max_position_embeddings <= _ROPE_TABLE_MAX:
+            try:
+                key = (dtype, self.inv_freq.device, weights_key(self.inv_freq))
+                if self._rope_table is None or self._rope_table[0] != key:
+                    P = torch.arange(cfg.max_position_embeddings, device=self.inv_freq.device)
+                    cos, sin = rope_cos_sin(P, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
+                    self._rope_table = (key, torch.cat([cos, sin], dim=-1).squeeze(-2))  # [P, 2R]
+                cs = F.embedding(positions, self._rope_table[1]).unsqueeze(-2)  # [B, S, 1, 2R]
+                return cs.split_with_sizes([cfg.qk_rope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+            except (IndexError, RuntimeError):  # positions past the table; an inference-tensor inv_freq
+                pass
         return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
