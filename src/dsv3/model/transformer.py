@@ -120,16 +120,21 @@ class Transformer(nn.Module):
         cfg = self.config
         if not torch.is_grad_enabled() and cfg.max_position_embeddings <= _ROPE_TABLE_MAX:
             try:
-                key = (dtype, self.inv_freq.device, weights_key(self.inv_freq))
-                if self._rope_table is None or self._rope_table[0] != key:
-                    P = torch.arange(cfg.max_position_embeddings, device=self.inv_freq.device)
-                    cos, sin = rope_cos_sin(P, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
-                    self._rope_table = (key, torch.cat([cos, sin], dim=-1).squeeze(-2))  # [P, 2R]
-                cs = F.embedding(positions, self._rope_table[1]).unsqueeze(-2)  # [B, S, 1, 2R]
+                cs = F.embedding(positions, self._rope_rows(dtype)).unsqueeze(-2)  # [B, S, 1, 2R]
                 return cs.split_with_sizes([cfg.qk_rope_head_dim, cfg.qk_rope_head_dim], dim=-1)
             except (IndexError, RuntimeError):  # positions past the table; an inference-tensor inv_freq
                 pass
         return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
+
+    def _rope_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """[max_position_embeddings, 2R]: cos | sin of every position, rebuilt when inv_freq changes."""
+        inv_freq = self.inv_freq
+        key = (dtype, inv_freq.device, weights_key(inv_freq))
+        if self._rope_table is None or self._rope_table[0] != key:
+            P = torch.arange(self.config.max_position_embeddings, device=inv_freq.device)
+            cos, sin = rope_cos_sin(P, inv_freq, self.rope_attn_factor, dtype, self.config.rope_interleave)
+            self._rope_table = (key, torch.cat([cos, sin], dim=-1).squeeze(-2))
+        return self._rope_table[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head (shared by the MTP modules); at decode a packed GEMV (`PackedGEMV`)."""
