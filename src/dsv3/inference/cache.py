@@ -66,6 +66,8 @@ class LatentKVCache:
         self.c = self.kv[..., : self.kv_lora_rank]  # views: [layers, slots, max_seq_len, C] and [.., R]
         self.pe = self.kv[..., self.kv_lora_rank :]
         self.lengths = [0] * max_batch_size  # valid positions per slot (host ints)
+        # 0, 1, 2, ...: positions and slot numbers, sliced by every decode view
+        self.arange = torch.arange(max(max_seq_len, max_batch_size), device=device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,35 +127,44 @@ class CacheView:
         self.cache = cache
         self.slot, self.n, self.num_new = slot, n, num_new
         self.absorb = absorb
-        self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # [n, S] positions of the new tokens (decode)
+        self._mask: torch.Tensor | None = None
         self._bias: dict = {}
         if starts is None:
             self.length = num_new
             return
-        dev = cache.c.device
-        self.length = max(starts.tolist()) + num_new  # host ints: no reduction kernel per step
-        starts = starts.to(dev)
+        first = starts.tolist()  # host ints: no reduction kernel per step
+        self.length = max(first) + num_new
+        self._aligned = min(first) == max(first)  # every row at the same position: plain causal
         if self.length > cache.max_seq_len:
             raise ValueError(
                 f"position {self.length - 1} is past the cache's max_seq_len={cache.max_seq_len}"
             )
-        pos = starts[:, None] + torch.arange(num_new, device=dev)[None, :]  # [n, S]
-        rows = torch.arange(slot, slot + n, device=dev).repeat_interleave(num_new)
-        self._flat = rows * cache.max_seq_len + pos.reshape(-1)  # row index into kv[layer] as [slots*T, C+R]
-        self.mask = torch.arange(self.length, device=dev)[None, None, :] <= pos[:, :, None]  # [n, S, T]
+        ar = cache.arange
+        self.positions = starts.to(ar.device)[:, None] + ar[:num_new]  # [n, S]
+        # row of each new token in kv[layer] seen as [slots * max_seq_len, C + R]
+        self._flat = (self.positions + ar[slot : slot + n, None] * cache.max_seq_len).view(-1)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """[n, S, T] bool, True where new token s of row b may attend (decode; None at prefill)."""
+        if self._mask is None and self.positions is not None:
+            self._mask = self.cache.arange[: self.length] <= self.positions[:, :, None]
+        return self._mask
 
     def score_bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
-        """`mask` as the absorbed attention's additive bias [n, S*heads, T], built once per forward."""
+        """`mask` as the absorbed attention's additive bias [n, S*heads, T], built once per forward
+        (rows at one position, as always at batch 1, take the plain causal bias without the mask)."""
         key = (heads, dtype)
         if key not in self._bias:
-            self._bias[key] = score_bias(
-                self.mask, self.n, self.num_new, heads, self.length, dtype, self.cache.c.device
-            )
+            mask = None if self._aligned else self.mask
+            n, S, T = self.n, self.num_new, self.length
+            self._bias[key] = score_bias(mask, n, S, heads, T, dtype, self.cache.kv.device)
         return self._bias[key]
 
     def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache, lo, hi = self.cache, self.slot, self.slot + self.n
-        if self.mask is None:  # prefill: contiguous write at 0..S-1
+        if self.positions is None:  # prefill: contiguous write at 0..S-1
             S = c.shape[1]
             cache.c[layer_id, lo:hi, :S] = c
             cache.pe[layer_id, lo:hi, :S] = pe

@@ -85,11 +85,9 @@ class ModelRunner:
 
         The cache lengths are not advanced here: the caller commits what it keeps."""
         n, S = tokens.shape
-        starts = starts.to(self.device)
         view = self.cache.decode_view(n, starts, S)
-        positions = starts[:, None] + torch.arange(S, device=self.device)[None, :]
         with self.no_grad():
-            out = self.model(tokens.to(self.device), positions=positions, cache=view, with_mtp=False)
+            out = self.model(tokens.to(self.device), positions=view.positions, cache=view, with_mtp=False)
             return out.logits.float(), out.hidden
 
     def mtp_decode(
@@ -100,10 +98,8 @@ class ModelRunner:
         All S positions enter the MTP cache layer; only position last[b] of row b (its last committed
         token) goes through the head: returns draft logits [n, V] fp32 for the token after it."""
         n, S = next_tokens.shape
-        starts = starts.to(self.device)
         view = self.cache.decode_view(n, starts, S)
-        positions = starts[:, None] + torch.arange(S, device=self.device)[None, :]
-        return self._mtp(hidden, next_tokens.to(self.device), positions, view, last.to(self.device))
+        return self._mtp(hidden, next_tokens.to(self.device), view.positions, view, last.to(self.device))
 
     def _mtp(
         self,

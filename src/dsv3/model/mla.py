@@ -142,15 +142,15 @@ class MLA(nn.Module):
                 q_a, kv_a = a.split_with_sizes([self.q_lora_rank, a.shape[-1] - self.q_lora_rank], dim=-1)
         q_nope, q_pe = self.query(x, cos, sin, q_a)
         c, pe = self.latent(x, cos, sin, kv_a)
-        mask = None
-        if cache is not None:
-            c, pe = cache.update(self.layer_id, c, pe)
-            mask = cache.mask
-            if cache.absorb:
-                bias_of = getattr(cache, "score_bias", None)  # memoised per forward by the inference cache
-                bias = None if bias_of is None else bias_of(self.n_heads, q_pe.dtype)
-                return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, mask, bias))
-        return self.wo(self.attend_naive(q_nope, q_pe, c, pe, mask))
+        if cache is None:
+            return self.wo(self.attend_naive(q_nope, q_pe, c, pe, None))
+        c, pe = cache.update(self.layer_id, c, pe)
+        if not cache.absorb:
+            return self.wo(self.attend_naive(q_nope, q_pe, c, pe, cache.mask))
+        bias_of = getattr(cache, "score_bias", None)  # memoised per forward by the inference cache
+        if bias_of is not None:
+            return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, None, bias_of(self.n_heads, q_pe.dtype)))
+        return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, cache.mask))
 
     def attend_naive(
         self,
