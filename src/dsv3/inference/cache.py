@@ -8,10 +8,9 @@ per-head keys and values would hold 61 * 128 * (192 + 128) * 2 = 4,997,120.
 Storage is one tensor kv [layers, slots, max_seq_len, C + R] holding [c; pe] per position (`c` and `pe`
 are views of its two column ranges), one slot per running sequence, plus one length per slot (the number
 of valid positions). Keeping c and pe side by side lets a decode step write a token's latent with one
-copy and score it with one GEMM (`MLA.attend_absorbed`). Layers are indexed
-by the model's layer_id: the main layers 0..L-1, then one layer per MTP module (L + k - 1), which the
-speculative decoder fills. Rolling back rejected draft tokens is just lowering a length: positions past
-it are masked out and overwritten later.
+copy. Layers are indexed by the model's layer_id: the main layers 0..L-1, then one layer per MTP module
+(L + k - 1), which the speculative decoder fills. Rolling back rejected draft tokens is just lowering a
+length: positions past it are masked out and overwritten later.
 
 Running sequences always occupy slots 0..n-1 (`move` compacts when one leaves), so a decode step reads
 `c[layer, :n, :T]` as a view, with no gather. A forward pass gets a `CacheView`, which implements the

@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
         """The first half of LayerNorm([x, -x]) with weight [w; w]: [x, -x] has mean 0 and variance
         mean(x^2), so this is x * rsqrt(mean(x^2) + eps) * w, the same formula up to the order of the
         sums (FP32 rounding, ~1e-7 relative). CPU LayerNorm is one fused kernel where CPU rms_norm runs
-        about six: at decode (a few rows, 17 norms per token for the tiny preset) that was 9% of a step.
+        about six: at decode (a few rows, 17 norms per token for the tiny preset) that is ~5% of a step.
         (On many rows it is slower: decode-sized inputs only.) None for weights without a version counter
         (inference tensors)."""
         try:
