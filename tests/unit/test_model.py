@@ -334,7 +334,7 @@ def test_packed_gemv_equals_linear(dtype, slabs):
         ref = mlp(x)
         mlp.decode_gemv = True
         torch.testing.assert_close(mlp(x), ref, **tol)
-        assert mlp._gemv13._packed is not None
+        assert mlp._gemv13._packed.value is not None
 
 
 def test_engine_decode_with_packed_gemv_matches_full_forward():
@@ -385,14 +385,14 @@ def test_rmsnorm_cpu_inference_path_matches_formula():
             ref = norm(x).detach()  # grad mode: the training formula
             with torch.no_grad():
                 y = norm(x)
-            assert norm._weight2 is not None
+            assert norm._weight2.value is not None
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         norm.weight.mul_(2)
         torch.testing.assert_close(norm(x), 2 * ref, rtol=1e-5, atol=1e-5)
-        norm._weight2 = None
+        norm._weight2.value = None
         norm(torch.randn(64, D))  # more rows than a decode step: torch's rms_norm, no cached weight
-        assert norm._weight2 is None
+        assert norm._weight2.value is None
 
 
 def test_rope_table_at_inference_equals_direct_computation():
@@ -404,7 +404,7 @@ def test_rope_table_at_inference_equals_direct_computation():
     direct = model.rope(positions, torch.float32)  # grad mode: computed directly
     with torch.no_grad():
         looked_up = model.rope(positions, torch.float32)
-        assert model._rope_table is not None
+        assert model._rope_table.value is not None
         far = model.rope(torch.tensor([[cfg.max_position_embeddings + 7]]), torch.float32)
     for a, b in zip(direct, looked_up):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -14,6 +14,9 @@ dense MLP (see BENCHMARKS.md). Several Linears that read the same input (w1 and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,12 +32,26 @@ def weights_key(*weights: torch.Tensor) -> tuple:
     return tuple((w.data_ptr(), w._version) for w in weights)
 
 
+class Derived:
+    """One value derived from weights (a packed copy, a table), rebuilt when its key changes."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value = None
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if key != self.key:
+            self.value = build()
+            self.key = key
+        return self.value
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self._weight2: tuple | None = None  # (key, [weight; weight]) for the CPU inference path
+        self._weight2 = Derived()  # [weight; weight] for the CPU inference path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
@@ -56,14 +73,14 @@ class RMSNorm(nn.Module):
         about six: at decode (a few rows, 17 norms per token for the tiny preset) that is ~5% of a step.
         (On many rows it is slower: decode-sized inputs only.) None for weights without a version counter
         (inference tensors)."""
+        w = self.weight
         try:
-            key = weights_key(self.weight)
+            key = weights_key(w)
         except RuntimeError:
             return None
-        if self._weight2 is None or self._weight2[0] != key:
-            self._weight2 = (key, torch.cat([self.weight, self.weight]).detach())
+        w2 = self._weight2.get(key, lambda: torch.cat([w, w]).detach())
         D = x.shape[-1]
-        return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * D,), self._weight2[1], None, self.eps)[..., :D]
+        return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * D,), w2, None, self.eps)[..., :D]
 
 
 class PackedGEMV:
@@ -78,8 +95,7 @@ class PackedGEMV:
 
     def __init__(self, slabs: bool = True) -> None:
         self.slabs = slabs
-        self._key: tuple | None = None
-        self._packed: torch.Tensor | None = None  # None: does not apply to the weights of _key
+        self._packed = Derived()  # value None: the packed product does not apply to those weights
 
     def __call__(self, x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
         # decode calls this a few times per token: the hit path is a key compare (~1 us); every check
@@ -90,10 +106,7 @@ class PackedGEMV:
             key = (x.dtype, torch.get_num_threads(), weights_key(*[m.weight for m in linears]))
         except (AttributeError, RuntimeError):  # no .weight, or inference tensors (no version counter)
             return None
-        if key != self._key:
-            self._packed = self._pack(x.dtype, linears)
-            self._key = key
-        w = self._packed
+        w = self._packed.get(key, lambda: self._pack(x.dtype, linears))
         if w is None:
             return None
         if not self.slabs:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP, weights_key
+from dsv3.model.layers import MLP, Derived, weights_key
 
 
 @dataclass
@@ -265,7 +265,7 @@ _BAG_MAX_TOKENS = 32
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self._bags: tuple | None = None  # (key, (up, down, n_shared_slots) or None) from decode_tables
+        self._bags = Derived()  # (up, down, n_shared_slots), or None where bags do not apply: decode_tables
         self._bag_consts: dict = {}  # index tensors of forward_bags per token count
         self.decode_bags = False  # set by the inference engine (dsv3.inference.generate.ModelRunner)
         self.n_routed_experts = config.n_routed_experts
@@ -318,19 +318,18 @@ class MoE(nn.Module):
             key = (dtype, weights_key(*params))
         except (AttributeError, RuntimeError):  # other expert modules, inference tensors
             return None
-        if self._bags is None or self._bags[0] != key:
-            applies = (
-                type(ex) is GroupedExperts
-                and dtype in (torch.float32, torch.bfloat16)
-                and ex.w1.device.type == "cpu"
-                and (sh is None or all(type(m) is nn.Linear for m in (sh.w1, sh.w2, sh.w3)))
-            )
-            self._bags = (key, self._build_tables(dtype) if applies else None)
-        return self._bags[1]
+        return self._bags.get(key, lambda: self._build_tables(dtype))
 
     @torch.no_grad()
-    def _build_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _build_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         ex, sh = self.experts, self.shared_experts
+        if not (
+            type(ex) is GroupedExperts
+            and dtype in (torch.float32, torch.bfloat16)
+            and ex.w1.device.type == "cpu"
+            and (sh is None or all(type(m) is nn.Linear for m in (sh.w1, sh.w2, sh.w3)))
+        ):
+            return None
         E, I, D = ex.w1.shape
         w1, w2, w3 = ex.w1, ex.w2, ex.w3
         S = 0

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP, PackedGEMV, RMSNorm, weights_key
+from dsv3.model.layers import MLP, Derived, PackedGEMV, RMSNorm, weights_key
 from dsv3.model.loss import cross_entropy
 from dsv3.model.mla import MLA, LatentCache
 from dsv3.model.moe import MoE, RouterStats
@@ -85,7 +85,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decode_gemv = False  # set by the inference engine: few-row head products as a packed GEMV
         self._head_gemv = PackedGEMV()
-        self._rope_table: tuple | None = None  # (key, [positions, 2R] cos|sin) for inference, see rope()
+        self._rope_table = Derived()  # [positions, 2R] cos|sin for inference, see rope()
         self.init_weights()
 
     # ----------------------------------------------------------------- setup
@@ -129,12 +129,13 @@ class Transformer(nn.Module):
     def _rope_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """[max_position_embeddings, 2R]: cos | sin of every position, rebuilt when inv_freq changes."""
         inv_freq = self.inv_freq
-        key = (dtype, inv_freq.device, weights_key(inv_freq))
-        if self._rope_table is None or self._rope_table[0] != key:
+
+        def build() -> torch.Tensor:
             P = torch.arange(self.config.max_position_embeddings, device=inv_freq.device)
             cos, sin = rope_cos_sin(P, inv_freq, self.rope_attn_factor, dtype, self.config.rope_interleave)
-            self._rope_table = (key, torch.cat([cos, sin], dim=-1).squeeze(-2))
-        return self._rope_table[1]
+            return torch.cat([cos, sin], dim=-1).squeeze(-2)
+
+        return self._rope_table.get((dtype, inv_freq.device, weights_key(inv_freq)), build)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head (shared by the MTP modules); at decode a packed GEMV (`PackedGEMV`)."""
