@@ -48,8 +48,8 @@ def default_model() -> Path:
 
 def validation_windows(run_dir: Path, seq_len: int) -> torch.Tensor:
     """The run's validation split (its train_config's corpus and val_frac), as [n, seq_len] windows."""
+    from dsv3.tokenizer import Tokenizer
     from dsv3.train.data import load_corpus, split_train_val, tokenize_documents
-    from dsv3.train.tokenizer import Tokenizer
 
     cfg_path = run_dir / "train_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

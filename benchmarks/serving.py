@@ -51,7 +51,7 @@ def make_model_dir(tmp: Path) -> Path:
     from dsv3.checkpoint import save_pretrained
     from dsv3.config import ModelConfig
     from dsv3.model import Transformer
-    from dsv3.train.tokenizer import Tokenizer
+    from dsv3.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny")

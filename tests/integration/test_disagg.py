@@ -24,7 +24,7 @@ from dsv3.cli import build_parser
 from dsv3.inference import Engine, SamplingParams
 from dsv3.inference.disagg import DisaggEngine
 from dsv3.serving import build_server, load_state
-from dsv3.train.tokenizer import Tokenizer
+from dsv3.tokenizer import Tokenizer
 
 TEXT = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:60000]
 PROMPTS = ["To be, or not", "Whether 'tis nobler in the mind", [5, 6, 7], [17] * 12, "First Citizen:", [9, 8]]

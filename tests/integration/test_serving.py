@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from dsv3 import ModelConfig, Transformer
 from dsv3.inference import LLM
 from dsv3.serving import build_server, load_state
-from dsv3.train.tokenizer import Tokenizer
+from dsv3.tokenizer import Tokenizer
 
 API_KEY = "sk-test"
 TEXT = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:60000]

@@ -10,7 +10,7 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.checkpoint import save_pretrained
 from dsv3.cli import main
 from dsv3.inference import LLM, SamplingParams
-from dsv3.train.tokenizer import Tokenizer
+from dsv3.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsv3.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, MIN_VOCAB, SPECIAL_TOKENS, Tokenizer
 from dsv3.train.data import bundled_corpus_path
-from dsv3.train.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, MIN_VOCAB, SPECIAL_TOKENS, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def load_tokenizer(path: str | Path) -> Any:
     for c in candidates:
         if c.is_file():
             try:
-                from dsv3.train.tokenizer import Tokenizer
+                from dsv3.tokenizer import Tokenizer
             except ImportError:
                 import tokenizers
 

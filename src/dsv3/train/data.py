@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3.train.tokenizer import Tokenizer
+from dsv3.tokenizer import Tokenizer
 
 
 def bundled_corpus_path() -> Path:

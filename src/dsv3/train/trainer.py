@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dsv3.config import ModelConfig, TrainConfig
 from dsv3.model import Transformer, lm_loss
+from dsv3.tokenizer import Tokenizer
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.balance import balance_biases, max_violation, update_balance_bias
 from dsv3.train.data import (
@@ -47,7 +48,6 @@ from dsv3.train.metrics import MetricsLog
 from dsv3.train.optim import AdamW, clip_grads, grad_norm, param_groups, set_lr
 from dsv3.train.regularize import add_residual_dropout
 from dsv3.train.schedule import batch_size_at, bias_update_speed_at, lr_at, mtp_weight_at
-from dsv3.train.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_TRAIN_CHARS = 50_000_000  # BPE merges are learned from at most this much of the train split
