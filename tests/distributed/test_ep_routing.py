@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv3.config import ModelConfig
+from dsv3.fp8.quant import BLOCK, FP8_MAX
 from dsv3.model import MoE
 from dsv3.model.moe import Gate
 from dsv3.parallel import ExpertParallelMoE, Mesh, ParallelConfig, route
-from dsv3.parallel.comm import FP8_MAX, TILE, dequantize_rows_fp8, fp8_row_bytes, quantize_rows_fp8
+from dsv3.parallel.comm import dequantize_rows_fp8, fp8_row_bytes, quantize_rows_fp8
 from dsv3.parallel.expert_parallel import node_mask
 
 
@@ -93,9 +94,9 @@ def test_fp8_dispatch_roundtrip_within_e4m3_bounds(dim):
     packed = quantize_rows_fp8(x)
     assert packed.dtype == torch.uint8 and packed.shape == (97, fp8_row_bytes(dim))
     y = dequantize_rows_fp8(packed, dim, torch.float32)
-    nt = -(-dim // TILE)
-    tiles = torch.nn.functional.pad(x, (0, nt * TILE - dim)).view(97, nt, TILE)
-    scale = (tiles.abs().amax(-1) / FP8_MAX).repeat_interleave(TILE, 1)[:, :dim]
+    nt = -(-dim // BLOCK)
+    tiles = torch.nn.functional.pad(x, (0, nt * BLOCK - dim)).view(97, nt, BLOCK)
+    scale = (tiles.abs().amax(-1) / FP8_MAX).repeat_interleave(BLOCK, 1)[:, :dim]
     # E4M3: 3 mantissa bits -> relative error <= 2^-4 for normals; subnormal spacing 2^-9 * scale
     bound = torch.maximum(x.abs() * 2.0**-4, scale * 2.0**-10) * (1 + 1e-6)
     assert ((y - x).abs() <= bound).all()

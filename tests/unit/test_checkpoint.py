@@ -17,7 +17,7 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.checkpoint import from_pretrained, save_pretrained
 from dsv3.checkpoint.names import FP8_WEIGHT, dsv3_to_hf, hf_to_dsv3, mtp_copy_names
 from dsv3.checkpoint.safetensors_io import parse_size
-from dsv3.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
+from dsv3.fp8 import dequantize_blocks, quantize_blocks
 
 
 def _model(seed: int = 0, **kw) -> Transformer:
@@ -204,8 +204,8 @@ def test_fp8_round_trip_within_e4m3_rounding(tmp_path):
         if not FP8_WEIGHT.fullmatch(hf):
             continue
         for w2, g2 in zip(w.reshape(-1, *w.shape[-2:]), got.reshape(-1, *w.shape[-2:])):  # experts row by row
-            q, s = quantize_weight_blockwise(w2)
-            assert torch.equal(g2, dequantize_weight_blockwise(q, s))
+            q, s = quantize_blocks(w2)
+            assert torch.equal(g2, dequantize_blocks(q, s))
             err = (g2 - w2).abs()
             # E4M3 keeps 3 mantissa bits: error <= 2^-4 relative, <= 2^-4 of the block's amax
             for bo in range(0, w2.shape[0], 128):

@@ -14,11 +14,9 @@ from dsv3.fp8 import (
     dequantize_blocks,
     dequantize_colwise,
     dequantize_rowwise,
-    dequantize_weight_blockwise,
     quantize_blocks,
     quantize_colwise,
     quantize_rowwise,
-    quantize_weight_blockwise,
 )
 
 # E4M3: 3 mantissa bits -> a normal value rounds within 2^-4 of itself; below the smallest normal (2^-6,
@@ -68,13 +66,19 @@ def test_blocks_match_hf_weight_scale_inv_layout():
     w[:128, :128] *= 1000  # one loud block must not degrade the others
     q, s = quantize_blocks(w)
     assert s.shape == (math.ceil(300 / 128), math.ceil(200 / 128)) == (3, 2)
-    q_hf, s_hf = quantize_weight_blockwise(w)
-    assert torch.equal(s, s_hf) and torch.equal(q.float(), q_hf.float())
-    torch.testing.assert_close(
-        dequantize_blocks(q, s), dequantize_weight_blockwise(q_hf, s_hf), rtol=0, atol=0
-    )
+    # DeepSeek's convention written out block by block: weight_scale_inv = amax / 448 dequantises
+    for i in range(3):
+        for j in range(2):
+            blk = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+            s_ref = blk.abs().amax() / FP8_MAX
+            assert torch.equal(s[i, j], s_ref)
+            q_ref = (blk / s_ref).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            assert torch.equal(
+                q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].view(torch.uint8), q_ref.view(torch.uint8)
+            )
     per_elem = s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
     _assert_within_e4m3(w, dequantize_blocks(q, s), per_elem)
+    assert torch.equal(dequantize_blocks(q, s.to(torch.bfloat16)), q.float() * per_elem.bfloat16().float())
 
 
 def test_stacked_expert_blocks_equal_per_expert_blocks():

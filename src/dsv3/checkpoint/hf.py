@@ -43,7 +43,7 @@ from dsv3.checkpoint.safetensors_io import (
     parse_size,
 )
 from dsv3.config import ModelConfig
-from dsv3.fp8.blockwise import BLOCK, dequantize_weight_blockwise, quantize_weight_blockwise
+from dsv3.fp8.quant import BLOCK, dequantize_blocks, quantize_blocks
 from dsv3.model import Gate, Transformer
 from dsv3.model.rope import rope_inv_freq
 
@@ -222,7 +222,7 @@ def _read(
     t = reader.get(name, info)
     if info.dtype == "F8_E4M3":
         scale_name = name + SCALE_SUFFIX
-        t = dequantize_weight_blockwise(t, reader.get(scale_name, tensors[scale_name]), block=block)
+        t = dequantize_blocks(t, reader.get(scale_name, tensors[scale_name]), block=block)
     return t
 
 
@@ -299,7 +299,7 @@ def _encode(
     if hf_name.endswith("e_score_correction_bias"):
         yield hf_name, w.to(device="cpu", dtype=torch.float32, copy=True)
     elif fp8 and FP8_WEIGHT.fullmatch(hf_name):
-        q, scale_inv = quantize_weight_blockwise(w.to(device="cpu"))
+        q, scale_inv = quantize_blocks(w.to(device="cpu"), what=f"checkpoint tensor {hf_name!r}")
         yield hf_name, q
         yield hf_name + SCALE_SUFFIX, scale_inv
     else:

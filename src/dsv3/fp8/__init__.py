@@ -2,11 +2,11 @@
 
 `convert_to_fp8(model, config, filter)` turns a built model's GEMMs into FP8 ones (FP8Linear,
 FP8GroupedExperts); kernels sit behind `get_backend` ("emulated" everywhere, "triton" / "scaled_mm"
-on FP8 GPUs). `blockwise` holds the HF checkpoint's weight / weight_scale_inv helpers.
+on FP8 GPUs). `quant` is the one tile quantiser, shared by training, the HF checkpoint's E4M3 weights
+(`quantize_blocks` gives their weight_scale_inv) and the expert-parallel FP8 dispatch.
 """
 
 from dsv3.fp8.backends import BACKENDS, EmulatedBackend, fp8_gpu_available, get_backend
-from dsv3.fp8.blockwise import dequantize_weight_blockwise, quantize_weight_blockwise
 from dsv3.fp8.config import FP8Config
 from dsv3.fp8.convert import convert_to_fp8, default_filter, fp8_module_names
 from dsv3.fp8.grouped import FP8GroupedExperts, fp8_grouped_linear
@@ -39,7 +39,6 @@ __all__ = [
     "dequantize_blocks",
     "dequantize_colwise",
     "dequantize_rowwise",
-    "dequantize_weight_blockwise",
     "fp8_gpu_available",
     "fp8_grouped_linear",
     "fp8_module_names",
@@ -47,5 +46,4 @@ __all__ = [
     "quantize_blocks",
     "quantize_colwise",
     "quantize_rowwise",
-    "quantize_weight_blockwise",
 ]

@@ -1,4 +1,9 @@
-"""Fine-grained E4M3 quantisation: 1x128 tiles for activations and gradients, 128x128 blocks for weights.
+"""The one E4M3 tile quantiser: 1x128 tiles for activations and gradients, 128x128 blocks for weights.
+
+Every FP8 tensor in dsv3 goes through this module: FP8Linear and the grouped experts (training), the HF
+checkpoint's E4M3 weights with their `weight_scale_inv` (dsv3.checkpoint.hf), and the expert-parallel FP8
+dispatch (dsv3.parallel.comm packs `quantize_rowwise`'s codes and scales into one uint8 row). The GPU
+quantisation kernel (dsv3.fp8.triton_gemm) follows the same conventions and is tested against this one.
 
 Why tiles: E4M3 has 3 mantissa bits and a dynamic range of 2^-9 .. 448. One scale per tensor lets a
 single outlier channel push every other value into the subnormals; one scale per 1x128 tile (one
@@ -6,15 +11,27 @@ token, 128 channels) or per 128x128 weight block confines an outlier's damage to
 what lets DeepSeek-V3 keep E4M3 (not E5M2) for every tensor, gradients included.
 
 Conventions (the same as DeepSeek's kernels and the HF checkpoint's `weight_scale_inv`):
-- a tile's scale is s = amax / 448 (the multiplier that dequantises): q = clamp(x / s) in E4M3, x ~= q * s;
+- a tile's scale is s = amax / 448 (the multiplier that dequantises; the checkpoint stores exactly this
+  s under the name `weight_scale_inv`, the inverse of the quantising multiplier 448 / amax):
+  q = clamp(x / s) in E4M3, x ~= q * s;
 - scales are computed online from the tile's current amax (no delayed scaling, no history);
 - `pow2=True` rounds s up to a power of two, so scaling is exact and q * s loses nothing beyond E4M3;
-- an all-zero tile gets s = 1 (q = 0 exactly); edges that are not a multiple of 128 form partial
-  tiles scaled from the elements present (zero padding never raises an amax);
-- a non-finite value (inf/NaN) is never quantised silently: torch's cast saturates inf to 448, which
-  would turn an overflow into plausible-looking garbage. `nonfinite="raise"` raises FP8NonFiniteError
-  naming the tensor; `"propagate"` gives the tile a NaN scale so every result that reads it is NaN
-  (the trainer's non-finite-loss guard then skips the step).
+- an all-zero tile gets s = 1 (q = 0 exactly); a tile so small that amax / 448 would underflow fp32's
+  normal range gets s = fp32's smallest normal, so x / s stays finite; edges that are not a multiple
+  of 128 form partial tiles scaled from the elements present (zero padding never raises an amax).
+
+Non-finite policy (one policy, for every caller): a tile holding inf or NaN is never quantised silently.
+torch's E4M3 cast saturates inf to 448 and amax / 448 of an inf tile is an inf scale that turns the
+tile's finite values into 0 and its inf into NaN: plausible-looking garbage either way. Instead the
+tile's scale is NaN (and so are its codes), and with it every value dequantised from it and every GEMM
+result that reads it. What the caller chooses is only whether to look:
+- `nonfinite="raise"` checks (one host sync) and raises FP8NonFiniteError (a ValueError) naming the
+  tensor and counting the bad tiles. The checkpoint writer always raises, naming the HF tensor; training
+  raises by default (FP8Config.nonfinite).
+- `nonfinite="propagate"` returns the NaN scales without a sync; the trainer's non-finite-loss guard
+  then skips the step. The expert-parallel wire always propagates: raising on one rank in the middle of
+  a dispatch would leave its peers blocked in the all-to-all, while a NaN scale reaches every rank that
+  reads the tile.
 
 Layouts: `quantize_rowwise(x [R, K])` -> scales [R, ceil(K/128)] (1x128 tiles along the last dim);
 `quantize_colwise(x [R, K])` -> scales [ceil(R/128), K] (128x1 tiles, for a GEMM that reduces over R);
@@ -52,7 +69,7 @@ def _nonfinite_error(n_bad: int, n_tiles: int, what: str) -> FP8NonFiniteError:
 def scales_from_amax(amax: torch.Tensor, pow2: bool = False, nonfinite: str = "raise", what: str = "tensor"):
     """Per-tile amax (fp32) -> dequantisation scales s = amax / 448 (rounded up to 2^k when pow2).
 
-    Zero tiles get s = 1. Non-finite tiles raise (nonfinite="raise") or get s = NaN ("propagate")."""
+    Zero tiles get s = 1; non-finite tiles get s = NaN, after raising first when nonfinite="raise"."""
     _check_mode(nonfinite)
     bad = ~torch.isfinite(amax)
     if nonfinite == "raise" and bool(bad.any()):
@@ -61,9 +78,7 @@ def scales_from_amax(amax: torch.Tensor, pow2: bool = False, nonfinite: str = "r
     if pow2:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     s = torch.where(amax > 0, s, torch.ones_like(s))
-    if nonfinite == "propagate":
-        s = torch.where(bad, torch.full_like(s, float("nan")), s)
-    return s
+    return torch.where(bad, torch.full_like(s, float("nan")), s)
 
 
 def finish_scales(s: torch.Tensor, nonfinite: str, what: str) -> torch.Tensor:
@@ -93,7 +108,7 @@ def quantize_rowwise(
         raise ValueError(f"quantize_rowwise needs a non-empty last dimension, got shape {tuple(x.shape)}")
     K = x.shape[-1]
     kb = -(-K // block)
-    x32 = x.float()
+    x32 = x.detach().float()  # quantisation has no gradient; FP8Linear's backward is its own
     width = min(block, K)  # a single partial tile needs no padding
     pad = kb * width - K
     tiles = (F.pad(x32, (0, pad)) if pad else x32).reshape(*x.shape[:-1], kb, width)
@@ -146,7 +161,7 @@ def quantize_blocks(
         )
     *lead, N, K = w.shape
     nb, kb = -(-N // block), -(-K // block)
-    w32 = w.float()
+    w32 = w.detach().float()
     pn, pk = nb * block - N, kb * block - K
     p = F.pad(w32, (0, pk, 0, pn)) if pn or pk else w32
     blocks = p.reshape(*lead, nb, block, kb, block)
@@ -163,14 +178,14 @@ def expand_block_scales(s: torch.Tensor, shape: tuple[int, int], block: int = BL
 
 
 def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """Inverse of quantize_blocks, in fp32."""
+    """Inverse of quantize_blocks, in fp32 (s may be a checkpoint's weight_scale_inv in any float dtype)."""
     *lead, N, K = q.shape
     expect = (*lead, -(-N // block), -(-K // block))
     if tuple(s.shape) != expect:
         raise ValueError(
             f"block scales have shape {tuple(s.shape)}, expected {expect} for a weight {tuple(q.shape)}"
         )
-    return q.float() * expand_block_scales(s, (N, K), block)
+    return q.float() * expand_block_scales(s.float(), (N, K), block)
 
 
 def fake_quantize_blocks(w: torch.Tensor, pow2: bool = False, nonfinite: str = "raise") -> torch.Tensor:

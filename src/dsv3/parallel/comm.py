@@ -7,12 +7,14 @@ the caller must `wait()` the returned `Pending` before reading the output (the s
 between). Gradients always travel synchronously.
 
 FP8 dispatch (DeepSeek-V3 sends dispatched activations in FP8 and combines in BF16): each row is
-quantised per 1x128 tile to E4M3 with one float32 scale per tile (scale = tile amax / 448, the online
-scaling of the paper; a partial last tile is scaled from the values present). The E4M3 codes and the
+quantised by the project's one quantiser, `dsv3.fp8.quant.quantize_rowwise` (1x128 tiles, scale = tile
+amax / 448, the same codes and scales FP8Linear computes for its input). The E4M3 codes and the
 scales' bytes go in one uint8 row (gloo does not move float8 dtypes): D + 4 * ceil(D / 128) bytes per
 token instead of 2 D (BF16) or 4 D (FP32). The relative error of a value is then at most 2^-4 (E4M3 has
 3 mantissa bits: half an ulp is 2^-4 of the power of two below the value) unless it falls below the
 E4M3 normal range of its tile (|x| < scale * 2^-6), where the absolute error is at most scale * 2^-10.
+A tile holding inf/NaN travels with a NaN scale (the quantiser's "propagate" policy: raising on one rank
+would leave its peers blocked in the all-to-all), so it arrives as NaN on the receiving rank.
 The backward of an FP8 dispatch is straight-through (the quantiser is treated as identity) and sends
 the gradient in BF16 when the combine is BF16, else in the activations' dtype (expert_parallel.py).
 """
@@ -24,9 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-TILE = 128
+from dsv3.fp8.quant import BLOCK, FP8_DTYPE, dequantize_rowwise, quantize_rowwise
 
 
 class Pending:
@@ -105,29 +105,21 @@ def all_to_all(
 # --------------------------------------------------------------------------- FP8 wire format
 def fp8_row_bytes(dim: int) -> int:
     """Bytes one token occupies in the FP8 dispatch: E4M3 codes plus one float32 scale per 1x128 tile."""
-    return dim + 4 * (-(-dim // TILE))
+    return dim + 4 * (-(-dim // BLOCK))
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> torch.Tensor:
-    """x [N, D] float -> packed uint8 [N, fp8_row_bytes(D)]: E4M3 codes of x / scale, then float32 scales."""
-    N, D = x.shape
-    nt = -(-D // TILE)
-    xf = x.detach().float()
-    pad = nt * TILE - D
-    tiles = torch.nn.functional.pad(xf, (0, pad)).view(N, nt, TILE)
-    amax = tiles.abs().amax(dim=-1)  # [N, nt]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(N, nt * TILE)[:, :D]
-    return torch.cat([q.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
+    """x [N, D] float -> packed uint8 [N, fp8_row_bytes(D)]: quantize_rowwise's E4M3 codes, then scales."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows_fp8 expects rows [N, D], got shape {tuple(x.shape)}")
+    q, s = quantize_rowwise(x, nonfinite="propagate", what="expert-parallel dispatch")
+    return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8)], dim=1)
 
 
 def dequantize_rows_fp8(packed: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize_rows_fp8`: packed uint8 [N, fp8_row_bytes(dim)] -> [N, dim] in dtype."""
-    N = packed.shape[0]
-    nt = -(-dim // TILE)
     if packed.shape[1] != fp8_row_bytes(dim):
         raise ValueError(f"packed FP8 rows have {packed.shape[1]} bytes, expected {fp8_row_bytes(dim)}")
-    q = packed[:, :dim].contiguous().view(FP8_DTYPE).float()
-    scale = packed[:, dim:].contiguous().view(torch.float32).view(N, nt)
-    s = scale.repeat_interleave(TILE, dim=1)[:, :dim]
-    return (q * s).to(dtype)
+    q = packed[:, :dim].contiguous().view(FP8_DTYPE)
+    s = packed[:, dim:].contiguous().view(torch.float32)
+    return dequantize_rowwise(q, s).to(dtype)
