@@ -15,6 +15,7 @@ PROMPTS = [[5, 6, 7], [3, 4, 9, 10, 11, 12, 13], [17] * 12, [8, 2, 100, 33, 4], 
 class CharTokenizer:
     """One unicode character per token id, so text positions map onto tokens."""
 
+    bos_id = None
     eos_id = None
 
     def encode(self, text):

@@ -78,8 +78,9 @@ def _interactive(engine: Engine, args: argparse.Namespace, inp: TextIO, out: Tex
     """Each line continues one running transcript (kept within max_seq_len); /reset clears it, /quit ends."""
     params = _params(args)
     tok = engine.tokenizer
-    bos = getattr(tok, "bos_id", None)
-    head = [bos] if isinstance(bos, int) else []
+    if tok is None:
+        raise ValueError("interactive mode needs a tokenizer")
+    head = [] if tok.bos_id is None else [tok.bos_id]
     history: list[int] = []
     budget = engine.max_seq_len - 1 - params.max_new_tokens - len(head)
     if budget < 1:

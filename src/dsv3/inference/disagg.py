@@ -2,9 +2,9 @@
 
 DeepSeek-V3 is served with prefill and decode on separate units (REFERENCE.md): a long prompt's prefill
 then never stalls the sequences that are decoding, and each side batches its own way. `DisaggEngine`
-is that on one machine, behind the same interface as the colocated `Engine` (add_request, step, abort,
-has_unfinished, num_running, encode, max_batch_size, max_seq_len, tokenizer, waiting,
-kv_cache_bytes_per_token), so the OpenAI server wraps it unchanged (`dsv3 serve --disaggregate`).
+is that on one machine, behind the same interface as the colocated `Engine` (`EngineProtocol`,
+dsv3.inference.protocol), so the OpenAI server wraps it unchanged (`dsv3 serve --disaggregate`). While
+a request runs, its output's `text` is what has been streamed so far; the final text comes with the last.
 
 A request's life: `add_request` validates and encodes it here, fixes its seed (a sampled request gets
 one from the front end's generator, so its draws are reproducible wherever it runs) and sends it to the
@@ -38,19 +38,12 @@ import torch.multiprocessing as mp
 
 from dsv3.inference.cache import kv_cache_bytes_per_token
 from dsv3.inference.disagg_worker import Emitted, Handoff, WorkerSpec, worker_main
-from dsv3.inference.engine import Engine, RequestOutput, StepOutput
+from dsv3.inference.engine import Engine
+from dsv3.inference.protocol import RequestOutput, StepOutput, TokenizerProtocol
 from dsv3.inference.sampling import SamplingParams
 from dsv3.model import Transformer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DisaggOutput(RequestOutput):
-    """A RequestOutput with the reason a request failed (finish_reason "error"). While a request runs its
-    `text` is what has been streamed so far; the final text arrives with the last output."""
-
-    error: str | None = None
 
 
 @dataclass
@@ -75,7 +68,7 @@ class _Worker:
 
 @dataclass
 class _Tracked:
-    out: DisaggOutput
+    out: RequestOutput
     worker: _Worker
 
 
@@ -91,7 +84,7 @@ class DisaggEngine:
     def __init__(
         self,
         model: Transformer | str | Path,
-        tokenizer: Any = None,
+        tokenizer: TokenizerProtocol | None = None,
         *,
         prefill_workers: int = 1,
         decode_workers: int = 1,
@@ -259,6 +252,13 @@ class DisaggEngine:
     def num_running(self) -> int:
         return sum(1 for t in self.requests.values() if t.worker.role == "decode")
 
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def expert_load(self) -> torch.Tensor | None:
+        """None: the workers do not report expert load."""
+        return None
+
     def has_unfinished(self) -> bool:
         return bool(self.requests or self._errors)
 
@@ -277,7 +277,7 @@ class DisaggEngine:
         ids = self.encode(prompt)
         if not params.greedy and params.seed is None:
             params = dataclasses.replace(params, seed=int(torch.randint(2**62, (1,), generator=self._rng)))
-        out = DisaggOutput(
+        out = RequestOutput(
             request_id, prompt if isinstance(prompt, str) else None, ids, arrival_time=time.perf_counter()
         )
         w = self._pick("prefill")
@@ -383,7 +383,7 @@ class DisaggEngine:
         k = self._rr % len(live)
         return min(live[k:] + live[:k], key=lambda w: w.load)  # least loaded; ties rotate
 
-    def _failed_output(self, out: DisaggOutput, message: str) -> StepOutput:
+    def _failed_output(self, out: RequestOutput, message: str) -> StepOutput:
         out.finished, out.finish_reason, out.error = True, "error", message
         out.finish_time = time.perf_counter()
         return StepOutput(out.request_id, [], "", True, "error", out)

@@ -46,7 +46,8 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory tensor reducers on ForkingPickler)
 
 from dsv3.config import ModelConfig
-from dsv3.inference.engine import Engine, RequestOutput, StepOutput, _Request
+from dsv3.inference.engine import Engine, _Request
+from dsv3.inference.protocol import RequestOutput, StepOutput, TokenizerProtocol
 from dsv3.inference.sampling import SamplingParams
 from dsv3.inference.speculative import SpecStats
 from dsv3.model import Transformer
@@ -63,7 +64,7 @@ class WorkerSpec:
     max_prefill_tokens: int
     speculative: bool
     threads: int
-    tokenizer: Any = None
+    tokenizer: TokenizerProtocol | None = None
     model_path: str | None = None  # load with dsv3.checkpoint.from_pretrained ...
     config: ModelConfig | None = None  # ... or rebuild from config + state dict (shared memory)
     state_dict: dict[str, torch.Tensor] | None = None

@@ -17,58 +17,15 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from dsv3.inference.cache import LatentKVCache
 from dsv3.inference.generate import ModelRunner
+from dsv3.inference.protocol import RequestOutput, StepOutput, TokenizerProtocol
 from dsv3.inference.sampling import SamplingParams, sample
 from dsv3.inference.speculative import SpecStats, speculative_step
 from dsv3.model import Transformer
-
-
-@dataclass
-class RequestOutput:
-    """A request's result so far (final once `finished`). Times are seconds (time.perf_counter)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    spec: SpecStats | None = None  # speculative statistics (speculative mode only)
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def total_time(self) -> float | None:
-        return None if self.finish_time is None else self.finish_time - self.arrival_time
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return None if self.spec is None else self.spec.acceptance
-
-    @property
-    def tokens_per_forward(self) -> float | None:
-        return None if self.spec is None else self.spec.tokens_per_forward
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    output: RequestOutput
 
 
 @dataclass
@@ -93,7 +50,7 @@ class Engine:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Any = None,
+        tokenizer: TokenizerProtocol | None = None,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         speculative: bool = False,
@@ -126,9 +83,8 @@ class Engine:
         self._rng = torch.Generator().manual_seed(
             seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1
         )
-        self.eos_ids = frozenset(
-            i for i in (cfg.eos_token_id, getattr(tokenizer, "eos_id", None)) if isinstance(i, int) and i >= 0
-        )
+        tok_eos = tokenizer.eos_id if tokenizer is not None else None
+        self.eos_ids = frozenset(i for i in (cfg.eos_token_id, tok_eos) if isinstance(i, int) and i >= 0)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -161,8 +117,8 @@ class Engine:
             if not prompt:
                 raise ValueError("empty prompt")
             ids = list(self.tokenizer.encode(prompt))
-            bos = getattr(self.tokenizer, "bos_id", None)
-            if isinstance(bos, int) and self.add_bos:  # documents start with BOS in training
+            bos = self.tokenizer.bos_id
+            if bos is not None and self.add_bos:  # documents start with BOS in training
                 ids = [bos, *ids]
         else:
             ids = list(prompt)
@@ -225,6 +181,16 @@ class Engine:
 
     def num_running(self) -> int:
         return len(self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def expert_load(self) -> torch.Tensor | None:
+        """None: this engine does not record expert load (EPEngine does, with an ExpertLoadRecorder)."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to release: the engine owns no processes (EngineProtocol)."""
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[StepOutput]:

@@ -24,22 +24,24 @@ from typing import Any
 
 import torch
 
+from dsv3.model import ModelOutput, RouterStats
+
 FORMAT = "dsv3-expert-load"
 VERSION = 1
 
 
-def router_counts(out: Any, num_layers: int | None = None) -> torch.Tensor:
+def router_counts(out: ModelOutput | Sequence[RouterStats], num_layers: int | None = None) -> torch.Tensor:
     """Token counts [L, E] (float64, CPU) from a ModelOutput (or its `router_stats` list).
 
     With num_layers, layers the output has no stats for are zero rows at the end (a forward that did not
     run the MTP blocks routed no tokens through them); more stats than num_layers is an error."""
-    stats = out.router_stats if hasattr(out, "router_stats") else out
+    stats = out.router_stats if isinstance(out, ModelOutput) else out
     if not isinstance(stats, Sequence):
         raise ValueError(f"expected a ModelOutput or a list of RouterStats, got {type(out).__name__}")
     rows = []
     for i, s in enumerate(stats):
-        counts = getattr(s, "counts", None)
-        if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
+        counts = s.counts if isinstance(s, RouterStats) else None
+        if counts is None or counts.dim() != 1:
             raise ValueError(f"router_stats[{i}] has no 1-D `counts` tensor")
         rows.append(counts.detach().to("cpu", torch.float64))
     if num_layers is None:

@@ -21,11 +21,14 @@ from typing import Any
 
 import torch
 
-from dsv3.inference.engine import Engine, RequestOutput
+from dsv3.config import ModelConfig
+from dsv3.inference.engine import Engine
+from dsv3.inference.protocol import RequestOutput, TokenizerProtocol
 from dsv3.inference.sampling import SamplingParams
 from dsv3.inference.speculative import SpecStats
 from dsv3.model import Gate, Transformer
 from dsv3.model.rope import rope_inv_freq
+from dsv3.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -52,33 +55,12 @@ def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
     return model
 
 
-class _TokenizersAdapter:
-    """A `tokenizers.Tokenizer` behind the dsv3 Tokenizer interface (encode, decode, eos_id)."""
-
-    def __init__(self, tok: Any, eos_id: int | None):
-        self._tok = tok
-        self.eos_id = eos_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
     """The tokenizer of a model or run directory, or None when it has no tokenizer.json."""
     p = Path(path)
     candidates = [p / "tokenizer.json", p / "model" / "tokenizer.json"] if p.is_dir() else [p]
     for c in candidates:
         if c.is_file():
-            try:
-                from dsv3.tokenizer import Tokenizer
-            except ImportError:
-                import tokenizers
-
-                tok = tokenizers.Tokenizer.from_file(str(c))
-                return _TokenizersAdapter(tok, None)
             return Tokenizer.from_file(str(c))
     return None
 
@@ -92,7 +74,7 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
-        tokenizer: Any = None,
+        tokenizer: TokenizerProtocol | None = None,
         seed: int | None = None,
         device: torch.device | str | None = None,
         fp8: Any = None,
@@ -129,7 +111,7 @@ class LLM:
         self.last_spec_stats: SpecStats | None = None
 
     @property
-    def config(self) -> Any:
+    def config(self) -> ModelConfig:
         return self.model.config
 
     def generate(

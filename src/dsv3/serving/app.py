@@ -25,8 +25,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv3.inference.protocol import EngineProtocol, StepOutput
 from dsv3.inference.sampling import SamplingParams
 from dsv3.serving.async_engine import AsyncEngine, EngineError, QueueFullError
+from dsv3.serving.metrics import ServerMetrics
 
 
 class APIError(Exception):
@@ -116,11 +118,11 @@ class ServerState:
         self.created = int(time.time())
 
     @property
-    def core(self) -> Any:
+    def core(self) -> EngineProtocol:
         return self.engine.engine
 
     @property
-    def metrics(self) -> Any:
+    def metrics(self) -> ServerMetrics:
         return self.engine.metrics
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
@@ -238,8 +240,8 @@ def create_app(state: ServerState) -> FastAPI:
             "requests_in_flight": state.engine.in_flight(),
             "kv_cache_bytes_per_token": core.kv_cache_bytes_per_token,
         }
-        load = getattr(core, "expert_load", None)
-        text = state.metrics.render(gauges, (lambda: load().tolist()) if callable(load) else None)
+        load = core.expert_load()
+        text = state.metrics.render(gauges, None if load is None else load.tolist)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
@@ -355,7 +357,7 @@ async def _run(
 
 async def _next(
     queue: asyncio.Queue, request: Request, rids: list[str], state: ServerState
-) -> tuple[int, Any]:
+) -> tuple[int, StepOutput | EngineError]:
     """The next engine output for this HTTP request; aborts everything if the client went away."""
     while True:
         try:

@@ -1,9 +1,9 @@
 """Drive the inference engine from a background thread so the HTTP event loop never waits on compute.
 
-The engine (`dsv3.inference.engine.Engine`) is single-threaded: only this loop thread touches it.
-HTTP handlers submit and abort requests through a command queue and receive `StepOutput`s on an
-asyncio.Queue per HTTP request (handed over with `loop.call_soon_threadsafe`). Requests from all
-clients share the engine's continuous batch.
+The engine (a `dsv3.inference.EngineProtocol`: the colocated `Engine` or `DisaggEngine`) is
+single-threaded: only this loop thread touches it. HTTP handlers submit and abort requests through a
+command queue and receive `StepOutput`s on an asyncio.Queue per HTTP request (handed over with
+`loop.call_soon_threadsafe`). Requests from all clients share the engine's continuous batch.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
+from dsv3.inference.protocol import EngineProtocol, StepOutput
 from dsv3.inference.sampling import SamplingParams
 from dsv3.serving.metrics import ServerMetrics
 
@@ -46,7 +46,7 @@ class _Sub:
 class AsyncEngine:
     """Thread-owned engine with a bounded queue. `submit` from the event loop, `abort` from anywhere."""
 
-    def __init__(self, engine: Any, max_queue: int = 64, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: EngineProtocol, max_queue: int = 64, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
@@ -113,7 +113,7 @@ class AsyncEngine:
         self._wake.set()
 
     # ------------------------------------------------------------------ the loop thread
-    def _send(self, sub: _Sub, item: Any) -> None:
+    def _send(self, sub: _Sub, item: StepOutput | EngineError) -> None:
         with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop is gone (shutdown)
             sub.loop.call_soon_threadsafe(sub.queue.put_nowait, (sub.index, item))
 
@@ -161,7 +161,7 @@ class AsyncEngine:
                 continue
             now = time.perf_counter()
             self.running = eng.num_running()
-            self.waiting = len(getattr(eng, "waiting", ()))
+            self.waiting = eng.num_waiting()
             for o in outputs:
                 with self._lock:
                     sub = self._subs.get(o.request_id)
@@ -171,7 +171,7 @@ class AsyncEngine:
                     continue
                 if o.finished and o.finish_reason == "error":  # one request failed (e.g. its worker died)
                     self.metrics.inc("requests_failed")
-                    why = getattr(o.output, "error", None) or "the request failed"
+                    why = o.output.error or "the request failed"
                     self._send(sub, EngineError(o.request_id, f"engine error: {why}"))
                     continue
                 n = len(o.new_token_ids)

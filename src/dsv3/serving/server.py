@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 
+from dsv3.inference import LLM, EngineProtocol, TokenizerProtocol
+from dsv3.inference.llm import parse_dtype
+from dsv3.model import Transformer
 from dsv3.serving.app import ServerState, create_app
 from dsv3.serving.async_engine import AsyncEngine
 
@@ -30,9 +32,9 @@ def _chat_template(model_dir: Path | None) -> str | None:
 
 
 def load_state(
-    model: Any,
+    model: str | Path | Transformer | LLM,
     *,
-    tokenizer: Any = None,
+    tokenizer: TokenizerProtocol | None = None,
     model_name: str | None = None,
     api_key: str | None = None,
     max_batch_size: int = 8,
@@ -48,8 +50,6 @@ def load_state(
 
     disaggregate: prefill and decode in separate worker processes (dsv3.inference.disagg.DisaggEngine);
     max_batch_size is then per decode worker."""
-    from dsv3.inference import LLM
-
     if max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
     model_dir = None
@@ -57,9 +57,9 @@ def load_state(
         from dsv3.checkpoint import resolve_model_dir
 
         model_dir = Path(resolve_model_dir(model))
+    engine: EngineProtocol
     if disaggregate:
         from dsv3.inference.disagg import DisaggEngine
-        from dsv3.inference.llm import parse_dtype
 
         src = model.model if isinstance(model, LLM) else model
         tok = model.tokenizer if isinstance(model, LLM) and tokenizer is None else tokenizer
@@ -78,8 +78,8 @@ def load_state(
         if not isinstance(model, LLM):
             kw = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer)
             llm = LLM(model, dtype=dtype, **kw)
+        llm.engine.speculative = speculative
         engine = llm.engine
-        engine.speculative = speculative
     if model_name is None:
         model_name = Path(str(model)).name if isinstance(model, str | Path) else "dsv3"
     return ServerState(
@@ -101,9 +101,7 @@ def build_server(
         state.engine.start()
         yield
         state.engine.shutdown(timeout=graceful_timeout)
-        close = getattr(state.core, "close", None)  # worker processes (disaggregated engine)
-        if callable(close):
-            close()
+        state.core.close()  # the disaggregated engine's worker processes
 
     app.router.lifespan_context = lifespan
     config = uvicorn.Config(
