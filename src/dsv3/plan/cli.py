@@ -115,10 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """Import the pipeline simulator's CLI, parse the pass-through arguments with it and run it."""
-    try:
-        mod = importlib.import_module(PIPELINE_MODULE)
-    except ImportError as e:
-        raise ValueError(f"`dsv3 plan pipeline` is not available ({PIPELINE_MODULE}: {e})") from None
+    mod = importlib.import_module(PIPELINE_MODULE)
     parser = argparse.ArgumentParser(prog="dsv3 plan pipeline", description="simulate pipeline schedules")
     mod.add_arguments(parser)
     return int(mod.run(parser.parse_args(args.pipeline_args)) or 0)
