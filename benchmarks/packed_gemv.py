@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.layers import PackedGEMV
+from dsv3.cpu.decode import PackedGEMV
 
 SHAPES = [(2048, 256), (1536, 256), (256, 768)]  # (out, in)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
-from dsv3.checkpoint import from_pretrained
+from dsv3.checkpoint import from_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +101,7 @@ def test_dsv3_to_transformers(name, tmp_path):
     model = Transformer(cfg)
     _randomize(list(model.named_parameters()) + list(model.named_buffers()))
     model.inv_freq.copy_(Transformer(cfg).inv_freq)  # not a weight
-    model.save_pretrained(tmp_path / "m", dtype=torch.float32)
+    save_pretrained(model, tmp_path / "m", dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     expected_cls = "DeepseekV2ForCausalLM" if cfg.scoring_func == "softmax" else "DeepseekV3ForCausalLM"
     assert type(hf).__name__ == expected_cls

@@ -75,7 +75,7 @@ def test_round_trip_exact_fp32_with_mtp(tmp_path):
 
 def test_bf16_save_and_load(tmp_path):
     model = _model()
-    model.save_pretrained(tmp_path / "m")  # default bf16
+    save_pretrained(model, tmp_path / "m")  # default bf16
     dtypes = _dtypes(tmp_path / "m")
     assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
     assert dtypes.pop("model.layers.2.mlp.gate.e_score_correction_bias") == "F32"

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from dsv3.fp8.config import FP8Config
 from dsv3.fp8.grouped import FP8GroupedExperts
 from dsv3.fp8.linear import FP8Linear
+from dsv3.model.mla import MLA
 from dsv3.model.moe import GroupedExperts
 
 HIGH_PRECISION_LINEARS = ("head",)  # module names (last component) never converted by the default filter
@@ -54,7 +56,18 @@ def convert_to_fp8(model: nn.Module, config: Any = None, filter: ModuleFilter | 
                 swaps.append((parent, child_name, FP8GroupedExperts.from_experts(child, cfg, name)))
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new)
+    for m in model.modules():
+        if type(m) is MLA and isinstance(m.wkv_b, FP8Linear):
+            m.__class__ = FP8MLA
     return model
+
+
+class FP8MLA(MLA):
+    """MLA with an FP8 wkv_b: the absorbed (decode) path folds the weight the FP8 GEMMs see, so decode
+    over the latent equals the naive path's FP8 products."""
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_wkv_b(self.wkv_b.dequantized_weight(), dtype)
 
 
 def fp8_module_names(model: nn.Module) -> list[str]:

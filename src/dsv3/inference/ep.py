@@ -160,7 +160,7 @@ class RedundantExpertMoE(MoE):
         counts = expert_counts(indices.reshape(-1), self.n_routed_experts).float()
         self.routed += counts.cpu().double()
         zero = scores.new_zeros(())
-        return y.view(B, T, D), RouterStats(counts, zero, zero)
+        return y.view(B, T, D), RouterStats.of(counts, zero, zero)
 
     def counts_round(self, send: torch.Tensor, tag: int) -> list[int]:
         """Rows to each rank + this rank's tag -> rows from each rank; checks that ranks are in lockstep."""

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3.cpu import apply_cpu_inference
 from dsv3.inference.cache import CacheView, LatentKVCache
 from dsv3.model import Transformer
+from dsv3.model.mla import score_bias
 
 
 @dataclass
@@ -28,7 +30,8 @@ class PrefillResult:
 
 
 class ModelRunner:
-    """Owns nothing but references: the model (eval mode) and the cache it writes."""
+    """Owns nothing but references: the model (eval mode) and the cache it writes. On CPU the model
+    gets the CPU inference speed paths (`dsv3.cpu.apply_cpu_inference`, module swaps, same numbers)."""
 
     def __init__(self, model: Transformer, cache: LatentKVCache):
         self.model = model
@@ -38,11 +41,8 @@ class ModelRunner:
         # version counters, which inference tensors lack: those run under no_grad
         fp8 = any(hasattr(m, "fp8_config") for m in model.modules())
         self.no_grad = torch.no_grad if fp8 else torch.inference_mode
-        for moe in model.moe_layers():  # CPU decode steps run the experts as embedding bags
-            moe.decode_bags = True
-        for m in model.modules():  # and the head and dense MLPs as packed GEMVs (dsv3.model.layers)
-            if hasattr(m, "decode_gemv"):
-                m.decode_gemv = True
+        if self.device.type == "cpu":
+            apply_cpu_inference(model)
 
     @property
     def has_mtp(self) -> bool:
@@ -121,7 +121,7 @@ class ModelRunner:
         rows = torch.arange(n, device=h.device)
         with self.no_grad():
             cos, sin = model.rope(positions, h.dtype)
-            x = module.eh_proj(torch.cat([module.enorm(model.embed(next_ids)), module.hnorm(h)], dim=-1))
+            x = module.combine(h, model.embed(next_ids))
             c, pe = block.attn.latent(block.attn_norm(x), cos, sin)
             c_all, pe_all = view.update(block.layer_id, c, pe)
             T = c_all.shape[1]
@@ -132,7 +132,7 @@ class ModelRunner:
             context = _Written(c_all, pe_all, mask.unsqueeze(1))
             x_last = x[rows, last].unsqueeze(1)  # [n, 1, D]
             y, _ = block(x_last, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1), context)
-            return model.logits(module.norm(y[:, 0])).float()
+            return module.logits(y[:, 0], model.head).float()
 
 
 class _Written:
@@ -146,3 +146,7 @@ class _Written:
 
     def update(self, layer_id: int, c: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.c, self.pe
+
+    def score_bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        n, S, T = self.mask.shape
+        return score_bias(self.mask, n, S, heads, T, dtype, self.c.device)

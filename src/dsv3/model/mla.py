@@ -14,10 +14,15 @@ Two ways to attend, same numbers:
 A cache is any object with `update(layer_id, c, pe) -> (c_all, pe_all)` returning the latent of all
 positions of the rows in this batch, `mask` ([B, S, T] bool, True = may attend, or None for causal
 over the new tokens alone) and `absorb` (use the absorbed path). The inference engine provides it.
+
+The attention core of the naive path is `self.attention`, a function (q, k, v, mask, scale) -> o
+(`sdpa_attention` here); a faster core for a device is set on the module from outside (`dsv3.cpu`), as
+transformers selects `attn_implementation`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -25,20 +30,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import PackedGEMV, RMSNorm, weights_key
+from dsv3.model.layers import RMSNorm
 from dsv3.model.rope import apply_rope, softmax_scale
 
-# Largest B * heads * S * T for the CPU matmul attention (its BF16 scores and FP32 probabilities are
-# materialised: ~6 bytes per element plus the backward's); longer sequences use the fused kernel.
-_CPU_MATMUL_ATTN_MAX = 1 << 25
+# (q [B, S, H, Dqk], k [B, T, H, Dqk], v [B, T, H, Dv], mask [B, S, T] bool or None = causal, scale)
+#   -> o [B, S, H, Dv] in q's dtype
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 
 
-def _bf16_on_cpu(dtype: torch.dtype) -> bool:
-    """Attention runs in BF16 on CPU when its inputs are BF16 or CPU autocast is on in BF16 (RoPE in
-    FP32 leaves q and k FP32 under autocast; the projections around them are BF16 either way)."""
-    if dtype == torch.bfloat16:
-        return True
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with torch's fused kernel (the reference attention core)."""
+    if mask is None and q.shape[1] != k.shape[1]:  # causal, new tokens last (is_causal aligns top-left)
+        S, T = q.shape[1], k.shape[1]
+        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S).expand(q.shape[0], S, T)
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # [B, H, S, D]
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.unsqueeze(1),
+        is_causal=mask is None,
+        scale=scale,
+    )
+    return o.transpose(1, 2)
 
 
 class LatentCache(Protocol):
@@ -48,13 +63,6 @@ class LatentCache(Protocol):
     def update(
         self, layer_id: int, c: torch.Tensor, pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense weight of a Linear-like module (FP8 modules expose `dequantized_weight()`)."""
-    if hasattr(layer, "dequantized_weight"):
-        return layer.dequantized_weight()
-    return layer.weight
 
 
 def score_bias(
@@ -103,19 +111,20 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.wo = nn.Linear(H * c.v_head_dim, D, bias=False)
-        self._absorbed: tuple | None = None  # (key, w_uk, w_uv) cached by absorbed_weights at inference
-        self.decode_gemv = False  # set by the inference engine: wq_a and wkv_a as one product at decode
-        self._gemv_a = PackedGEMV(slabs=False)
+        self.attention: AttentionFn = sdpa_attention
 
     def query(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_a: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, D] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]. q_a: wq_a x, if already computed."""
-        B, S, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.wq(x)
-        else:
-            q = self.wq_b(self.q_norm(self.wq_a(x) if q_a is None else q_a))
+        """x [B, S, D] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]."""
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        return self.split_query(q, cos, sin)
+
+    def split_query(
+        self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, S, H*(Dn+R)] -> q_nope [B, S, H, Dn], roped q_pe [B, S, H, R]."""
+        B, S, _ = q.shape
         # split_with_sizes: Tensor.split's Python wrapper costs ~2 us per call, which decode pays per layer
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split_with_sizes(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1
@@ -123,11 +132,15 @@ class MLA(nn.Module):
         return q_nope, apply_rope(q_pe, cos, sin, self.rope_interleave)
 
     def latent(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_a: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, D] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]: what the cache stores.
-        kv_a: wkv_a x, if already computed."""
-        kv_a = self.wkv_a(x) if kv_a is None else kv_a
+        """x [B, S, D] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]: what the cache stores."""
+        return self.split_latent(self.wkv_a(x), cos, sin)
+
+    def split_latent(
+        self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_a x [B, S, C+R] -> c = kv_norm(c_kv) [B, S, C], roped k_pe [B, S, R]."""
         c, pe = kv_a.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         pe = apply_rope(pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)
         return self.kv_norm(c), pe
@@ -135,22 +148,25 @@ class MLA(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
     ) -> torch.Tensor:
-        q_a = kv_a = None
-        if self.decode_gemv and self.q_lora_rank is not None:  # both down-projections in one product
-            a = self._gemv_a(x, self.wq_a, self.wkv_a)
-            if a is not None:
-                q_a, kv_a = a.split_with_sizes([self.q_lora_rank, a.shape[-1] - self.q_lora_rank], dim=-1)
-        q_nope, q_pe = self.query(x, cos, sin, q_a)
-        c, pe = self.latent(x, cos, sin, kv_a)
+        q_nope, q_pe = self.query(x, cos, sin)
+        c, pe = self.latent(x, cos, sin)
+        return self.wo(self.attend(q_nope, q_pe, c, pe, cache))
+
+    def attend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c: torch.Tensor,
+        pe: torch.Tensor,
+        cache: LatentCache | None,
+    ) -> torch.Tensor:
+        """Write the new latents to the cache (if any) and attend over all of it: [B, S, H*Dv]."""
         if cache is None:
-            return self.wo(self.attend_naive(q_nope, q_pe, c, pe, None))
+            return self.attend_naive(q_nope, q_pe, c, pe, None)
         c, pe = cache.update(self.layer_id, c, pe)
         if not cache.absorb:
-            return self.wo(self.attend_naive(q_nope, q_pe, c, pe, cache.mask))
-        bias_of = getattr(cache, "score_bias", None)  # memoised per forward by the inference cache
-        if bias_of is not None:
-            return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, None, bias_of(self.n_heads, q_pe.dtype)))
-        return self.wo(self.attend_absorbed(q_nope, q_pe, c, pe, cache.mask))
+            return self.attend_naive(q_nope, q_pe, c, pe, cache.mask)
+        return self.attend_absorbed(q_nope, q_pe, c, pe, cache.mask)
 
     def attend_naive(
         self,
@@ -160,57 +176,15 @@ class MLA(nn.Module):
         pe: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Expand the latent to per-head K, V and run SDPA. mask None = causal. Returns [B, S, H*Dv]."""
+        """Expand the latent to per-head K, V and run `self.attention`. mask None = causal. [B, S, H*Dv]."""
         B, S, H, _ = q_nope.shape
         T = c.shape[1]
         kv = self.wkv_b(c).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, pe.unsqueeze(2).expand(B, T, H, self.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        if mask is None and S != T:  # causal with the new tokens last (SDPA's is_causal aligns top-left)
-            mask = torch.ones(S, T, dtype=torch.bool, device=c.device).tril(T - S).expand(B, S, T)
-        dtype, Dv = q.dtype, self.v_head_dim
-        if q.device.type == "cpu" and B * H * S * T <= _CPU_MATMUL_ATTN_MAX and _bf16_on_cpu(dtype):
-            bf16 = torch.bfloat16
-            return self._attend_matmul(q.to(bf16), k.to(bf16), v.to(bf16), mask)  # BF16, as wo casts
-        if q.device.type == "cpu":
-            # CPU SDPA's fused (flash) kernel needs v as wide as q/k, else it falls back to an unfused path
-            # whose BF16 version is slower still: attend in FP32 (the attention core in higher precision)
-            # with v zero-padded to the q/k head size, and drop the padding from the output
-            q, k, v = q.float(), k.float(), F.pad(v.float(), (0, max(q.shape[-1] - Dv, 0)))
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [B, H, S, Dqk]
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=None if mask is None else mask.unsqueeze(1),
-            is_causal=mask is None,
-            scale=self.softmax_scale,
-        )
-        return o[..., :Dv].to(dtype).transpose(1, 2).reshape(B, S, H * Dv)
-
-    def _attend_matmul(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """BF16 attention as two batched GEMMs with an FP32 softmax (CPU, short sequences).
-
-        Scores come out of the GEMM rounded to BF16 (as transformers' eager attention under autocast);
-        the softmax runs in FP32 and its probabilities go back to BF16 for the value GEMM, as in flash
-        attention. On the 2-core CPU this is ~2x faster forward + backward than the fused CPU kernel at
-        the tiny preset's shape (8 x 4 heads x 256^2), whose backward is slow at small head dims."""
-        B, S, H, Dqk = q.shape
-        T, Dv = k.shape[1], v.shape[-1]
-        qh = q.transpose(1, 2).reshape(B * H, S, Dqk)
-        kh = k.transpose(1, 2).reshape(B * H, T, Dqk)
-        vh = v.transpose(1, 2).reshape(B * H, T, Dv)
-        if mask is None:  # causal: an additive -inf bias above the diagonal, broadcast over B*H
-            bias = torch.full((S, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-            scores = torch.baddbmm(bias, qh, kh.transpose(1, 2), alpha=self.softmax_scale)
-        else:
-            scores = torch.bmm(qh, kh.transpose(1, 2)).mul_(self.softmax_scale).view(B, H, S, T)
-            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).view(B * H, S, T)
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.bmm(p, vh)  # [B*H, S, Dv]
-        return o.view(B, H, S, Dv).transpose(1, 2).reshape(B, S, H * Dv)
+        o = self.attention(q, k, v, mask, self.softmax_scale)  # [B, S, H, Dv]
+        return o.reshape(B, S, H * self.v_head_dim)
 
     def attend_absorbed(
         self,
@@ -224,7 +198,7 @@ class MLA(nn.Module):
         """Attention over the latent with wkv_b folded in. mask [B, S, T] (None = causal). [B, S, H*Dv].
 
         bias, when given, replaces mask: the additive mask (0 / -inf) in the scores' dtype, [B, S*H, T]
-        or broadcastable to it (`score_bias`; the inference cache builds it once per forward).
+        or broadcastable to it (`score_bias`).
         Written as batched matmuls (no einsum) because decode runs it per token per layer on tiny shapes:
         the scale and the mask ride on the two score GEMMs (baddbmm with alpha) and the softmax is FP32."""
         B, S, H, Dn = q_nope.shape
@@ -245,18 +219,11 @@ class MLA(nn.Module):
         return o.transpose(0, 1).reshape(B, S, H * self.v_head_dim)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """wkv_b split per head into w_uk [H, Dn, C] and w_uv transposed, [H, C, Dv], contiguous, in `dtype`.
+        """wkv_b split per head: w_uk [H, Dn, C] and w_uv transposed, [H, C, Dv], contiguous, in `dtype`.
+        (FP8 conversion overrides it to fold the quantised weight, as its naive path multiplies by.)"""
+        return self.split_wkv_b(self.wkv_b.weight, dtype)
 
-        Without autograd (inference) the pair is kept until wkv_b's weight changes (its storage or version
-        counter), so decode does not re-derive it per token, nor re-dequantise an FP8 wkv_b."""
-        w = self.wkv_b.weight
-        key = None
-        if not torch.is_grad_enabled() and not w.is_inference():
-            key = (weights_key(w), dtype)
-            if self._absorbed is not None and self._absorbed[0] == key:
-                return self._absorbed[1], self._absorbed[2]
-        wkv_b = linear_weight(self.wkv_b).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+    def split_wkv_b(self, w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        wkv_b = w.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
         w_uk, w_uv = wkv_b.to(dtype).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        w_uk, w_uv = w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
-        self._absorbed = None if key is None else (key, w_uk, w_uv)
-        return w_uk, w_uv
+        return w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()

@@ -13,45 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP, Derived, PackedGEMV, RMSNorm, weights_key
+from dsv3.model.block import Block, run_blocks
+from dsv3.model.layers import RMSNorm
 from dsv3.model.loss import cross_entropy
-from dsv3.model.mla import MLA, LatentCache
+from dsv3.model.mla import LatentCache
 from dsv3.model.moe import MoE, RouterStats
-from dsv3.model.mtp import MTPModule
+from dsv3.model.mtp import MTPModule, mtp_forward
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
 IGNORE_INDEX = -100
-_ROPE_TABLE_MAX = 1 << 16  # most positions the inference RoPE table covers (64K x 2R values)
-_CE = cross_entropy
-
-
-class Block(nn.Module):
-    """Pre-norm decoder layer: x + MLA(attn_norm x), then x + FFN(ffn_norm x); FFN = MoE past dense layers."""
-
-    def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = MLA(config, layer_id)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn: nn.Module = (
-            MoE(config)
-            if config.is_moe_layer(layer_id)
-            else MLP(config.hidden_size, config.intermediate_size)
-        )
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
-    ) -> tuple[torch.Tensor, RouterStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        if isinstance(self.ffn, MoE):
-            y, stats = self.ffn(self.ffn_norm(x))
-            return x + y, stats
-        return x + self.ffn(self.ffn_norm(x)), None
 
 
 @dataclass
@@ -83,9 +56,6 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
         inv_freq, self.rope_attn_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.decode_gemv = False  # set by the inference engine: few-row head products as a packed GEMV
-        self._head_gemv = PackedGEMV()
-        self._rope_table = Derived()  # [positions, 2R] cos|sin for inference, see rope()
         self.init_weights()
 
     # ----------------------------------------------------------------- setup
@@ -94,7 +64,7 @@ class Transformer(nn.Module):
         """Normal(0, initializer_range) for every matrix, ones for norms, zero balance biases."""
         std = self.config.initializer_range if std is None else std
         for name, p in self.named_parameters():
-            if p.device.type == "meta":
+            if p.is_meta:
                 continue
             if name.endswith("norm.weight") or p.dim() == 1:
                 p.fill_(1.0)
@@ -103,9 +73,9 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.head.weight = self.embed.weight
         for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias") and b.device.type != "meta":
+            if name.endswith("e_score_correction_bias") and not b.is_meta:
                 b.zero_()
-        if self.inv_freq.device.type != "meta":
+        if not self.inv_freq.is_meta:
             self.inv_freq.copy_(rope_inv_freq(self.config)[0])
 
     def moe_layers(self) -> list[MoE]:
@@ -114,36 +84,9 @@ class Transformer(nn.Module):
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, S, 1, R] for positions [B, S] (`rope_cos_sin`). Without autograd (inference)
-        they are rows of a table of every position, built once: a decode step then looks its positions
-        up in one op instead of computing ~10 small kernels."""
+        """cos, sin [B, S, 1, R] for positions [B, S] (`rope_cos_sin`)."""
         cfg = self.config
-        if not torch.is_grad_enabled() and cfg.max_position_embeddings <= _ROPE_TABLE_MAX:
-            try:
-                cs = F.embedding(positions, self._rope_rows(dtype)).unsqueeze(-2)  # [B, S, 1, 2R]
-                return cs.split_with_sizes([cfg.qk_rope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-            except (IndexError, RuntimeError):  # positions past the table; an inference-tensor inv_freq
-                pass
         return rope_cos_sin(positions, self.inv_freq, self.rope_attn_factor, dtype, cfg.rope_interleave)
-
-    def _rope_rows(self, dtype: torch.dtype) -> torch.Tensor:
-        """[max_position_embeddings, 2R]: cos | sin of every position, rebuilt when inv_freq changes."""
-        inv_freq = self.inv_freq
-
-        def build() -> torch.Tensor:
-            P = torch.arange(self.config.max_position_embeddings, device=inv_freq.device)
-            cos, sin = rope_cos_sin(P, inv_freq, self.rope_attn_factor, dtype, self.config.rope_interleave)
-            return torch.cat([cos, sin], dim=-1).squeeze(-2)
-
-        return self._rope_table.get((dtype, inv_freq.device, weights_key(inv_freq)), build)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output head (shared by the MTP modules); at decode a packed GEMV (`PackedGEMV`)."""
-        if self.decode_gemv:
-            y = self._head_gemv(hidden, self.head)
-            if y is not None:
-                return y
-        return self.head(hidden)
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -164,25 +107,18 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        stats: list[RouterStats] = []
-        for layer in self.layers:
-            x, s = layer(x, cos, sin, cache)
-            if s is not None:
-                stats.append(s)
+        x, stats = run_blocks(self.layers, x, cos, sin, cache)
         hidden = self.norm(x)
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             kept = hidden[:, logits_to_keep]
-        out = ModelOutput(logits=self.logits(kept), hidden=hidden, router_stats=stats)
+        out = ModelOutput(logits=self.head(kept), hidden=hidden, router_stats=stats)
         if with_mtp if with_mtp is not None else (cache is None and len(self.mtp) > 0):
-            h = hidden
-            for k, module in enumerate(self.mtp, start=1):
-                shifted = torch.roll(input_ids, shifts=-k, dims=1)  # t_{i+k}; last k positions wrap (masked)
-                h, s = module(h, self.embed(shifted), cos, sin)
-                if s is not None:
-                    stats.append(s)
-                out.mtp_logits.append(self.logits(module.norm(h)))
+            out.mtp_logits, mtp_stats = mtp_forward(
+                self.mtp, self.embed, self.head, hidden, input_ids, cos, sin
+            )
+            stats.extend(mtp_stats)
         return out
 
     def mtp_step(
@@ -198,13 +134,7 @@ class Transformer(nn.Module):
         emb = self.embed(next_ids)
         cos, sin = self.rope(positions, emb.dtype)
         h, _ = module(h, emb, cos, sin, cache)
-        return self.logits(module.norm(h)), h
-
-    def save_pretrained(self, path: str, **kw) -> object:
-        """Write an HF-format directory; see dsv3.checkpoint.save_pretrained for the options."""
-        from dsv3.checkpoint import save_pretrained  # lazy: the model never depends on checkpoint code
-
-        return save_pretrained(self, path, **kw)
+        return module.logits(h, self.head), h
 
     def num_params(self, exclude_mtp: bool = True) -> int:
         skip = {id(p) for p in self.mtp.parameters()} if exclude_mtp else set()
@@ -223,7 +153,7 @@ def lm_loss(
     balance: "seq" (DeepSeek-V3's complementary sequence-wise loss), "aux" (classic batch-wise
     auxiliary loss, for ablations) or "none"."""
     V = out.logits.shape[-1]
-    main = _CE(out.logits.reshape(-1, V), labels.reshape(-1), IGNORE_INDEX)
+    main = cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1), IGNORE_INDEX)
     zero = main.new_zeros(())
     mtp = zero
     if out.mtp_logits:
@@ -231,11 +161,11 @@ def lm_loss(
         for k, logits in enumerate(out.mtp_logits, start=1):
             target = torch.roll(labels, shifts=-k, dims=1).clone()
             target[:, -k:] = IGNORE_INDEX
-            parts.append(_CE(logits.reshape(-1, V), target.reshape(-1), IGNORE_INDEX))
+            parts.append(cross_entropy(logits.reshape(-1, V), target.reshape(-1), IGNORE_INDEX))
         mtp = torch.stack(parts).mean()
     bal = zero
     if balance != "none" and out.router_stats:
-        key = "seq_balance_loss" if balance == "seq" else "aux_loss"
-        bal = torch.stack([getattr(s, key) for s in out.router_stats]).sum()
+        seq = balance == "seq"
+        bal = torch.stack([s.seq_balance_loss if seq else s.aux_loss for s in out.router_stats]).sum()
     loss = main + mtp_weight * mtp + balance_alpha * bal
     return LossOutput(loss=loss, main_loss=main.detach(), mtp_loss=mtp.detach(), balance_loss=bal.detach())

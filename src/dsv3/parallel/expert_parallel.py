@@ -166,7 +166,7 @@ class ExpertParallelMoE(MoE):
             seq, aux = balance_losses(scores, indices, B)
         else:
             seq = aux = scores.new_zeros(())
-        return y.view(B, T, D), RouterStats(counts, seq, aux)
+        return y.view(B, T, D), RouterStats.of(counts, seq, aux)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.shared_experts is None else self.shared_experts(x)

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsv3.model.block import run_blocks
 from dsv3.model.moe import MoE, RouterStats
+from dsv3.model.mtp import mtp_forward
 from dsv3.model.rope import rope_cos_sin
 from dsv3.model.transformer import LossOutput, ModelOutput, Transformer, lm_loss
 
@@ -126,37 +128,26 @@ class PipelineStage(nn.Module):
         cos, sin = rope_cos_sin(
             positions, self.inv_freq, self.rope_attn_factor, x.dtype, self.config.rope_interleave
         )
-        stats: list[RouterStats] = []
-        for layer in self.layers.values():
-            x, s = layer(x, cos, sin)
-            if s is not None:
-                stats.append(s)
+        x, stats = run_blocks(self.layers.values(), x, cos, sin)
         if not self.is_last:
             return (
                 (x,)
                 if not self.ship_stats or self.moe_before + len(stats) == 0
                 else (x, self._rows(prev, stats))
             )
-        # last stage: exactly Transformer.forward's tail
-        if prev is not None:
-            stats = [
-                RouterStats(prev.new_zeros(0), prev[i, 0], prev[i, 1]) for i in range(prev.shape[0])
-            ] + stats
-        local = len(stats) - (0 if prev is None else prev.shape[0])
+        # last stage: the model's own tail (final norm, head, MTP) on the received router stats
+        received = [] if prev is None else [RouterStats.of(None, row[0], row[1]) for row in prev]
         hidden = self.norm(x)
-        out = ModelOutput(logits=self.head(hidden), hidden=hidden, router_stats=stats)
+        out = ModelOutput(logits=self.head(hidden), hidden=hidden, router_stats=received + stats)
         if len(self.mtp) > 0:
             if input_ids is None:
                 raise ValueError("the last pipeline stage needs input_ids for its MTP modules")
-            h = hidden
-            for k, module in enumerate(self.mtp, start=1):
-                shifted = torch.roll(input_ids, shifts=-k, dims=1)
-                h, s = module(h, self.embed(shifted), cos, sin)
-                if s is not None:
-                    stats.append(s)
-                    local += 1
-                out.mtp_logits.append(self.head(module.norm(h)))
-        self._count(stats[len(stats) - local :])
+            out.mtp_logits, mtp_stats = mtp_forward(
+                self.mtp, self.embed, self.head, hidden, input_ids, cos, sin
+            )
+            out.router_stats.extend(mtp_stats)
+            stats.extend(mtp_stats)
+        self._count(stats)
         return out
 
     def _rows(self, prev: torch.Tensor | None, stats: list[RouterStats]) -> torch.Tensor:
@@ -170,8 +161,7 @@ class PipelineStage(nn.Module):
     @torch.no_grad()
     def _count(self, stats: list[RouterStats]) -> None:
         for i, s in enumerate(stats):
-            if s.counts.numel():
-                self.expert_counts[i] += s.counts.to(self.expert_counts.dtype)
+            self.expert_counts[i] += s.counts.to(self.expert_counts.dtype)
 
 
 def build_stages(
