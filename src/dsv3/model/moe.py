@@ -23,7 +23,8 @@ Router statistics (expert counts, balance losses) are computed from the routing 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,50 +36,37 @@ from dsv3.model.layers import MLP
 
 @dataclass
 class RouterStats:
-    """What training needs from one MoE layer's router on one forward, computed on first access.
-
-    Built from the routing (`scores` [N, E] affinities, `indices` [N, K], `batch` sequences of N/batch
-    tokens), or from values computed elsewhere (expert parallelism reduces counts over ranks; pipeline
-    stages ship balance losses): `RouterStats.of(counts=..., seq_balance_loss=..., aux_loss=...)`."""
+    """What training needs from one MoE layer's router on one forward, computed on first access from
+    the routing (`scores` [N, E], `indices` [N, K], `batch` sequences), or given (`RouterStats.of`:
+    expert parallelism reduces counts over ranks, pipeline stages ship balance losses)."""
 
     scores: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     batch: int = 1
-    _given: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
-    def of(
-        cls,
-        counts: torch.Tensor | None,
-        seq_balance_loss: torch.Tensor,
-        aux_loss: torch.Tensor,
-    ) -> RouterStats:
-        given = {"counts": counts, "seq_balance_loss": seq_balance_loss, "aux_loss": aux_loss}
-        return cls(_given=given)
+    def of(cls, counts: torch.Tensor | None, seq_balance_loss: torch.Tensor, aux_loss: torch.Tensor):
+        stats = cls()
+        stats.__dict__.update(counts=counts, balance=(seq_balance_loss, aux_loss))
+        return stats
 
-    @property
+    @cached_property
     def counts(self) -> torch.Tensor | None:
         """[E] tokens routed to each expert (float, no grad); None when not known (shipped stats)."""
-        if "counts" not in self._given:
-            self._given["counts"] = expert_counts(self.indices.reshape(-1), self.scores.shape[1]).float()
-        return self._given["counts"]
+        return expert_counts(self.indices.reshape(-1), self.scores.shape[1]).float()
+
+    @cached_property
+    def balance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence-wise, batch-wise) balance losses sum_i f_i P_i, without alpha."""
+        return balance_losses(self.scores, self.indices, self.batch)
 
     @property
     def seq_balance_loss(self) -> torch.Tensor:
-        """sum_i f_i P_i per sequence, averaged over sequences (no alpha)."""
-        self._losses()
-        return self._given["seq_balance_loss"]
+        return self.balance[0]
 
     @property
-    def aux_loss(self) -> torch.Tensor:
-        """The same over the whole batch: the classic auxiliary loss (no alpha)."""
-        self._losses()
-        return self._given["aux_loss"]
-
-    def _losses(self) -> None:
-        if "aux_loss" not in self._given:
-            seq, aux = balance_losses(self.scores, self.indices, self.batch)
-            self._given.update(seq_balance_loss=seq, aux_loss=aux)
+    def aux_loss(self) -> torch.Tensor:  # the classic auxiliary loss
+        return self.balance[1]
 
 
 class Gate(nn.Module):
