@@ -321,6 +321,99 @@ def coerce_value(current: Any, text: str, name: str) -> Any:
         raise ValueError(f"invalid value for {name}: {text!r} (expected {type(current).__name__})") from None
 
 
+@dataclass
+class ParallelConfig:
+    """How a model is spread over ranks (world size = pp * dp * ep); the process groups are built from
+    it by dsv3.parallel.build_mesh. A run's layout is `TrainConfig.parallel` (dp None until
+    `TrainConfig.layout(world)` derives it)."""
+
+    dp: int | None = 1  # replicas of each expert shard (ZeRO-1); None = what the world leaves (pp x ep)
+    ep: int = 1  # expert-parallel ranks: n_routed_experts / ep experts per rank
+    pp: int = 1  # pipeline ranks (the schedule lives in dsv3.parallel.pipeline)
+    pp_schedule: str = "1f1b"  # 1f1b, zb1p, dualpipe or dualpipev
+    pp_microbatches: int | None = None  # micro-batches per step; None = 2 x pp
+    nodes: int = 1  # simulated nodes the EP group spans (ep / nodes ranks per node)
+    node_limit: int | None = None  # M: route each token to experts on at most M nodes (None = no limit)
+    fp8_dispatch: bool = False  # send dispatched activations as E4M3 with 1x128 scales
+    bf16_combine: bool = False  # send expert outputs back (and dispatch gradients) in BF16
+    overlap_shared: bool = True  # run the shared expert while the dispatch all-to-all is in flight
+    zero1: bool = True  # shard optimizer states over the data-parallel replicas (ZeRO stage 1)
+    fp8: bool = False  # FP8 GEMMs (dsv3.fp8.convert_to_fp8), applied first by `parallelize`; the one switch
+    backend: str | None = None  # "gloo" / "nccl" / None = nccl with CUDA, else gloo
+    timeout_s: float = 120.0  # collective timeout: a dead peer turns into an error, not a hang
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * (self.dp or 1) * self.ep
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that split the batch (and reduce the dense gradients) within one pipeline stage."""
+        return (self.dp or 1) * self.ep
+
+    def validate(self, model_config: ModelConfig | None = None) -> ParallelConfig:
+        """Raise ValueError naming the field for an impossible layout; return self."""
+        for name in ("dp", "ep", "pp", "nodes"):
+            v = getattr(self, name)
+            ok = (v is None and name == "dp") or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+            _check(ok, name, f"must be a positive integer, got {v!r}")
+        schedules = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+        _check(self.pp_schedule in schedules, "pp_schedule", f"must be one of {schedules}")
+        n = self.pp_microbatches
+        _check(n is None or (isinstance(n, int) and n > 0), "pp_microbatches", "must be null or >= 1")
+        _check(self.ep % self.nodes == 0, "nodes", f"ep={self.ep} is not divisible by nodes={self.nodes}")
+        if self.node_limit is not None:
+            _check(
+                isinstance(self.node_limit, int) and self.node_limit >= 1,
+                "node_limit",
+                f"must be a positive integer or null, got {self.node_limit!r}",
+            )
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        _check(
+            self.backend in (None, "gloo", "nccl"),
+            "backend",
+            f"must be gloo, nccl or null, got {self.backend!r}",
+        )
+        if model_config is None:
+            return self
+        needs_moe = self.ep > 1 or self.node_limit is not None or self.fp8_dispatch or self.bf16_combine
+        if needs_moe:
+            _check(
+                model_config.is_moe, "ep", "expert parallelism needs a MoE model (n_routed_experts is null)"
+            )
+        if model_config.is_moe:
+            E = model_config.n_routed_experts
+            _check(E % self.ep == 0, "ep", f"n_routed_experts={E} is not divisible by ep={self.ep}")
+            if self.node_limit is not None:
+                per_node = E // self.nodes
+                K = model_config.num_experts_per_tok
+                _check(
+                    min(self.node_limit, self.nodes) * per_node >= K,
+                    "node_limit",
+                    f"{self.node_limit} node(s) of {per_node} experts cannot hold num_experts_per_tok={K}",
+                )
+                G = model_config.n_group or 1
+                grouped = G > 1 and model_config.topk_method != "greedy"
+                _check(
+                    not grouped or G % self.nodes == 0,
+                    "node_limit",
+                    f"node-limited routing needs the router's groups to nest in nodes: n_group={G} must be a "
+                    f"multiple of nodes={self.nodes}",
+                )
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParallelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"invalid config: unknown parallel field(s) {unknown}")
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 # DeepSeek-V3 over 14.8T tokens: constant LR to 10T, cosine to 14.3T, the lowest LR for the last 167B
 LR_FRACTIONS_PAPER = (0.676, 0.966, 0.0113)
 
@@ -377,17 +470,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss computation
     sample_tokens: int = 200
     sample_temperature: float = 0.8
-    # distributed layout (checked by dsv3.parallel.ParallelConfig when the ranks start)
-    dp: int | None = None  # expert-shard replicas; None = world size // ep
-    ep: int = 1  # expert-parallel ranks
-    nodes: int = 1  # simulated nodes the EP group spans
-    node_limit: int | None = None  # M: experts of at most M nodes per token (node-limited routing)
-    fp8_dispatch: bool = False  # EP dispatch in FP8 (E4M3, 1x128 scales)
-    bf16_combine: bool = False  # EP combine in BF16
-    zero1: bool = True  # shard optimizer states over data-parallel ranks
-    pp: int = 1  # pipeline-parallel ranks (dsv3.train.pipeline; with dp = ep = 1)
-    pp_schedule: str = "1f1b"  # 1f1b, zb1p, dualpipe or dualpipev (dsv3.parallel.pipeline)
-    pp_microbatches: int | None = None  # micro-batches per step; None = 2 x pp
+    # how the run is spread over ranks (`key=value` reaches these fields directly: ep=2, pp=2, fp8=true)
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp=None))
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field; return self."""
@@ -441,14 +525,53 @@ class TrainConfig:
         _check(self.moments_dtype in dtypes, "moments_dtype", f"must be one of {dtypes}")
         _check(self.dtype in dtypes, "dtype", f"must be one of {dtypes}")
         _check(self.sample_temperature >= 0, "sample_temperature", "must be >= 0")
-        _check(
-            isinstance(self.pp, int) and self.pp >= 1, "pp", f"must be a positive integer, got {self.pp!r}"
-        )
-        schedules = ("1f1b", "zb1p", "dualpipe", "dualpipev")
-        _check(self.pp_schedule in schedules, "pp_schedule", f"must be one of {schedules}")
-        n = self.pp_microbatches
-        _check(n is None or (isinstance(n, int) and n > 0), "pp_microbatches", "must be null or >= 1")
+        if isinstance(self.parallel, dict):
+            self.parallel = ParallelConfig.from_dict(self.parallel)
+        pc = self.parallel.validate()
+        if pc.pp > 1:  # what the pipeline trainer cannot do, refused before any rank starts
+            _check(pc.ep == 1, "pp", f"pipeline parallelism runs with ep = 1 here, got ep={pc.ep}")
+            _check(not pc.fp8, "fp8", "FP8 (--fp8) with pipeline parallelism (pp > 1) is not supported yet")
+            _check(not self.compile, "compile", "torch.compile is not applied to pipeline stages (pp > 1)")
+            _check(
+                self.micro_batch_size is None,
+                "micro_batch_size",
+                "the pipeline sets it (batch / pp_microbatches)",
+            )
         return self
+
+    def layout(self, world: int, model_config: ModelConfig | None = None) -> ParallelConfig:
+        """The parallel layout of a run of `world` ranks (dp derived when null); ValueError naming the
+        field when the ranks cannot hold it or the batch cannot be split over them."""
+        pc = self.parallel
+        hint = " (start the ranks with --nproc N or torchrun)" if world == 1 else ""
+        if world % (pc.ep * pc.pp):
+            what = "ep" if pc.pp == 1 else "pp x ep"
+            raise ValueError(
+                f"invalid config: {what.split()[0]}: {world} rank(s) cannot hold pp={pc.pp} x ep={pc.ep}: "
+                f"need a multiple of {what}{hint}"
+            )
+        dp = world // (pc.ep * pc.pp) if pc.dp is None else pc.dp
+        _check(
+            pc.pp * dp * pc.ep == world,
+            "dp",
+            f"pp={pc.pp} x dp={dp} x ep={pc.ep} = {pc.pp * dp * pc.ep} ranks, but the run has {world}{hint}",
+        )
+        pc = dataclasses.replace(pc, dp=dp).validate(model_config)
+        if pc.pp > 1:
+            n = pc.pp_microbatches or 2 * pc.pp
+            _check(
+                self.batch_size % (dp * n) == 0,
+                "batch_size",
+                f"{self.batch_size} is not divisible into dp={dp} x {n} micro-batches",
+            )
+            stages = 2 * pc.pp if pc.pp_schedule == "dualpipev" else pc.pp
+            _check(
+                model_config is None or model_config.num_hidden_layers >= stages,
+                "pp",
+                f"{stages} stages need at least as many layers, the model has "
+                f"{model_config.num_hidden_layers if model_config else '?'}",
+            )
+        return pc
 
     @classmethod
     def from_preset(cls, name: str) -> TrainConfig:
@@ -460,6 +583,9 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"invalid config: unknown train field(s) {unknown}")
+        d = dict(d)
+        if isinstance(d.get("parallel"), dict):
+            d["parallel"] = ParallelConfig.from_dict(d["parallel"])
         return cls(**d).validate()
 
     def replace(self, **kw: Any) -> TrainConfig:

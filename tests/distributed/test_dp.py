@@ -17,11 +17,10 @@ from dsv3.parallel import (
     build_mesh,
     full_state_dict,
     global_expert_counts,
-    load_sharded,
     parallelize,
     run_local,
-    save_sharded,
 )
+from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
 
 GLOBAL_BATCH, SEQ, GAMMA = 8, 16, 1e-3
 
@@ -101,18 +100,13 @@ def _dist_worker(rank: int, world: int, configs: list[dict], steps: int, ckpt_di
         model, opt, dp = _setup(mesh)
         for s in range(2):
             _step(model, dp, mesh, s)
-        save_sharded(
-            f"{ckpt_dir}/step_00000002",
-            {"model": model.state_dict(), "opt": opt.state_dict()},
-            mesh,
-            meta={"step": 2},
-        )
+        save_checkpoint(ckpt_dir, 2, model.state_dict(), {"opt": opt.state_dict(), "step": 2}, mesh=mesh)
         straight = _step(model, dp, mesh, 2)[0]
         model2, opt2, dp2 = _setup(mesh)
-        state, meta = load_sharded(f"{ckpt_dir}/step_00000002", mesh)
-        model2.load_state_dict(state["model"])
+        model_state, state = load_checkpoint(f"{ckpt_dir}/step_00000002", mesh)
+        model2.load_state_dict(model_state)
         opt2.load_state_dict(state["opt"])
-        resumed = _step(model2, dp2, mesh, meta["step"])[0]
+        resumed = _step(model2, dp2, mesh, state["step"])[0]
         out["resume"] = (straight, resumed)
     return out
 

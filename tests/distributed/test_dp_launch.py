@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dsv3.parallel import Mesh, ParallelConfig, latest_complete, load_sharded, run_local, save_sharded, spawn
-from dsv3.parallel.dist_checkpoint import verify
+from dsv3.parallel import Mesh, ParallelConfig, run_local, spawn
 from dsv3.parallel.launch import env_from_environ
+from dsv3.train.checkpoint import (
+    MODEL_FILE,
+    latest_good_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 
 def _dies_during_save(rank: int, world: int, root: str) -> None:
     mesh = Mesh(config=ParallelConfig(dp=world), rank=rank, dp_rank=rank, world_group=dist.group.WORLD)
-    save_sharded(Path(root) / "step_00000001", {"w": torch.full((3,), float(rank))}, mesh, meta={"step": 1})
+    save_checkpoint(root, 1, {"w": torch.full((3,), float(rank))}, {"step": 1}, mesh=mesh)
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
-    save_sharded(Path(root) / "step_00000002", {"w": torch.zeros(3)}, mesh, meta={"step": 2})
+    save_checkpoint(root, 2, {"w": torch.zeros(3)}, {"step": 2}, mesh=mesh)
 
 
 def test_dead_rank_stops_the_run_and_leaves_no_partial_checkpoint(tmp_path):
@@ -29,12 +34,12 @@ def test_dead_rank_stops_the_run_and_leaves_no_partial_checkpoint(tmp_path):
         run_local(_dies_during_save, 2, args=(str(tmp_path),), timeout_s=60, collective_timeout_s=30)
     assert time.monotonic() - t0 < 45
     assert not (tmp_path / "step_00000002").exists()
-    assert latest_complete(tmp_path) == tmp_path / "step_00000001"
+    assert latest_good_checkpoint(tmp_path) == tmp_path / "step_00000001"
     mesh = Mesh(config=ParallelConfig(dp=2), rank=1, dp_rank=1)
-    state, meta = load_sharded(tmp_path / "step_00000001", mesh)
-    assert meta == {"step": 1} and torch.equal(state["w"], torch.ones(3))
+    model_state, state = load_checkpoint(tmp_path / "step_00000001", mesh)
+    assert state == {"step": 1} and torch.equal(model_state["w"], torch.ones(3))
     with pytest.raises(ValueError, match="same layout"):
-        load_sharded(tmp_path / "step_00000001", Mesh.single())
+        load_checkpoint(tmp_path / "step_00000001", Mesh.single())
 
 
 def _stuck_peer(rank: int, world: int) -> None:
@@ -53,17 +58,17 @@ def test_collective_timeout_turns_a_hang_into_an_error():
 def test_corrupt_checkpoint_is_detected_and_skipped(tmp_path):
     mesh = Mesh.single()
     for step in (1, 2):
-        save_sharded(tmp_path / f"step_{step:08d}", {"x": torch.arange(10) * step}, mesh, meta={"step": step})
-    assert latest_complete(tmp_path) == tmp_path / "step_00000002"
-    f = tmp_path / "step_00000002" / "rank00000.pt"
+        save_checkpoint(tmp_path, step, {"x": torch.arange(10) * step}, {"step": step}, mesh=mesh)
+    assert latest_good_checkpoint(tmp_path, mesh) == tmp_path / "step_00000002"
+    f = tmp_path / "step_00000002" / MODEL_FILE
     f.write_bytes(f.read_bytes()[:-20])  # truncated
-    with pytest.raises(ValueError, match="checksum"):
-        verify(tmp_path / "step_00000002")
-    with pytest.raises(ValueError, match="checksum"):
-        load_sharded(tmp_path / "step_00000002", mesh)
-    assert latest_complete(tmp_path) == tmp_path / "step_00000001"
-    (tmp_path / "step_00000003.partial").mkdir()  # a save that never finished
-    assert latest_complete(tmp_path) == tmp_path / "step_00000001"
+    with pytest.raises(ValueError, match="truncated"):
+        verify_checkpoint(tmp_path / "step_00000002")
+    with pytest.raises(ValueError, match="truncated"):
+        load_checkpoint(tmp_path / "step_00000002", mesh)
+    assert latest_good_checkpoint(tmp_path, mesh, warn=lambda m: None) == tmp_path / "step_00000001"
+    (tmp_path / ".tmp-step_00000003").mkdir()  # a save that never finished
+    assert latest_good_checkpoint(tmp_path, mesh, warn=lambda m: None) == tmp_path / "step_00000001"
 
 
 def test_spawn_watchdog_stops_survivors_when_a_rank_dies():

@@ -6,6 +6,7 @@ import json
 import math
 
 from dsv3.cli import main
+from dsv3.train.checkpoint import state_file
 
 COMMON = ["--preset", "debug", "--steps", "3", "--no-progress", "--no-sample"]
 SETTINGS = ["dtype=float32", "eval_every=0", "fim_rate=0", "ckpt_every=0", "batch_size=4"]
@@ -34,7 +35,7 @@ def test_nproc2_ep2_equals_single_process_and_resumes(tmp_path):
     assert (
         main(["train", *common, "--out", str(dist), "--stop-at", "2", "--nproc", "2", *SETTINGS, "ep=2"]) == 0
     )
-    assert (dist / "checkpoints" / "step_00000002" / "rank00001.pt").is_file()
+    assert (dist / "checkpoints" / "step_00000002" / state_file(1)).is_file()
     assert main(["train", *common, "--out", str(dist), "--resume", "--nproc", "2", *SETTINGS, "ep=2"]) == 0
     a, b = _train_records(single), _train_records(dist)
     assert [r["step"] for r in b] == [1, 2, 3]
@@ -42,8 +43,10 @@ def test_nproc2_ep2_equals_single_process_and_resumes(tmp_path):
         assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5), (ra["loss"], rb["loss"])
         assert math.isclose(ra["grad_norm"], rb["grad_norm"], rel_tol=1e-4)
         assert ra["expert_load"] == rb["expert_load"]  # loads all-reduced over the data-parallel ranks
-    cfg = json.loads((dist / "train_config.json").read_text())["train"]
+    info = json.loads((dist / "train_config.json").read_text())
+    cfg = info["train"]["parallel"]
     assert (cfg["ep"], cfg["nodes"], cfg["zero1"]) == (2, 1, True)
+    assert info["expert_backend"] == ["grouped_mm"]
     # the HF export holds every expert, gathered from both ranks
     from dsv3.checkpoint import from_pretrained
 

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from dsv3.cli import main
+from dsv3.train.checkpoint import model_file, state_file
 
 COMMON = ["--preset", "debug", "--steps", "3", "--no-progress", "--no-sample"]
 SETTINGS = ["dtype=float32", "eval_every=0", "fim_rate=0", "ckpt_every=0", "batch_size=4", "dropout=0"]
@@ -40,15 +41,15 @@ def test_pipeline_run_equals_single_process_and_resumes(tmp_path, schedule, laye
     assert main(["train", *common, "--out", str(single), *sets, "micro_batch_size=1"]) == 0
     pp = [*sets, "pp=2", f"pp_schedule={schedule}"]
     assert main(["train", *common, "--out", str(pipe), "--stop-at", "2", "--nproc", "2", *pp]) == 0
-    assert (pipe / "checkpoints" / "step_00000002" / "rank00001.pt").is_file()
+    assert (pipe / "checkpoints" / "step_00000002" / state_file(1)).is_file()
     # each rank holds (and checkpoints) the weights of its own stages only
-    import torch
+    from safetensors.torch import load_file
 
     held = []
     for r in (0, 1):
-        shard = torch.load(pipe / "checkpoints" / "step_00000002" / f"rank0000{r}.pt", weights_only=False)
-        weights = {k for k in shard["model"] if "layers." in k and not k.endswith("correction_bias")}
-        held.append({k for k in weights if shard["model"][k].numel()})
+        shard = load_file(pipe / "checkpoints" / "step_00000002" / model_file(r))
+        weights = {k for k in shard if "layers." in k and not k.endswith("correction_bias")}
+        held.append({k for k in weights if shard[k].numel()})
     if schedule == "dualpipe":  # rank r holds stages r and 1 - r: both copies of the model
         assert held[0] == held[1] == weights
     else:

@@ -13,8 +13,9 @@ from dsv3.cli import main
 from dsv3.train.checkpoint import MODEL_FILE, list_checkpoints
 from dsv3.train.cli import build_configs
 from dsv3.train.data import bundled_corpus_path
+from dsv3.train.distributed import make_trainer
 from dsv3.train.metrics import read_metrics
-from dsv3.train.trainer import Trainer, TrainingDiverged
+from dsv3.train.trainer import TrainingDiverged
 
 FAST = ["seq_len=32", "batch_size=4", "eval_batches=1", "sample_tokens=8"]
 
@@ -116,8 +117,8 @@ def test_nan_guard_skips_then_stops(corpus, tmp_path):
     model_cfg, train_cfg = build_configs(
         "debug", [*FAST, "eval_every=0", "ckpt_every=2", "max_bad_steps=3"], 10
     )
-    trainer = Trainer(model_cfg, train_cfg, tmp_path / "run", data=corpus, progress=False)
-    real = trainer._loss_fn
+    trainer = make_trainer(model_cfg, train_cfg, tmp_path / "run", data=corpus, progress=False)
+    real = trainer.loss_step.fn
     poison = {3}  # steps (0-based) whose loss is NaN
 
     def loss_fn(x, y, w):
@@ -126,7 +127,7 @@ def test_nan_guard_skips_then_stops(corpus, tmp_path):
             losses.loss = losses.loss * float("nan")
         return losses, counts
 
-    trainer._loss_fn = loss_fn
+    trainer.loss_step.fn = loss_fn
     trainer.fit(stop_at=6)
     recs = read_metrics(tmp_path / "run")
     assert [r["step"] for r in recs if r["type"] == "skip"] == [4]
@@ -145,6 +146,6 @@ def test_gradient_accumulation_matches_one_batch(corpus, tmp_path):
     for micro in ("null", "2"):
         extra = [*FAST, "eval_every=0", "ckpt_every=0", "dtype=float32", f"micro_batch_size={micro}"]
         model_cfg, train_cfg = build_configs("debug", extra, 4)
-        trainer = Trainer(model_cfg, train_cfg, tmp_path / micro, data=corpus, progress=False)
+        trainer = make_trainer(model_cfg, train_cfg, tmp_path / micro, data=corpus, progress=False)
         losses.append([trainer.train_step()["total_loss"] for _ in range(4)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

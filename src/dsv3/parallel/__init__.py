@@ -1,28 +1,23 @@
 """Parallelism applied from outside to a built single-device model (the model code never changes).
 
 `parallelize(model, parallel_config, mesh)` applies, in this fixed order (DESIGN.md):
-1. FP8 conversion of the Linear layers (dsv3.fp8),
+1. FP8 conversion of the Linear layers and experts (dsv3.fp8; `ParallelConfig.fp8` is the one switch),
 2. expert parallelism (each MoE becomes an `ExpertParallelMoE` holding this rank's experts),
-3. activation checkpointing,
-4. compile,
-5. data parallelism (replicas made identical; gradients are then reduced by a `DataParallel` object,
+3. data parallelism (replicas made identical; gradients are then reduced by a `DataParallel` object,
    which also shards the optimizer states: ZeRO-1).
-Pipeline stages are cut by dsv3.parallel.pipeline; `parallelize` also accepts such a stage module.
+Compilation is the trainer's (`TrainConfig.compile` compiles its loss step, model and losses together,
+after this); activation checkpointing is not implemented. Pipeline stages are cut by
+dsv3.parallel.pipeline after `parallelize`; it also accepts such a stage module.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from dsv3.fp8 import convert_to_fp8
 from dsv3.model.moe import MoE
 from dsv3.parallel.data_parallel import DataParallel
-from dsv3.parallel.dist_checkpoint import (
-    full_state_dict,
-    latest_complete,
-    load_full_state_dict,
-    load_sharded,
-    save_sharded,
-)
+from dsv3.parallel.dist_checkpoint import full_state_dict, load_full_state_dict
 from dsv3.parallel.expert_parallel import (
     ExpertParallelMoE,
     ep_moe_layers,
@@ -48,7 +43,7 @@ def _apply_expert_parallel(model: nn.Module, mesh: Mesh) -> int:
 def parallelize(
     model: nn.Module, parallel_config: ParallelConfig | None = None, mesh: Mesh | None = None
 ) -> nn.Module:
-    """Apply FP8, expert parallel, activation checkpointing, compile and data parallel (in that order).
+    """Apply FP8, expert parallel and data parallel (in that order).
 
     Call on every rank with identically built models; returns the (modified in place) model."""
     if parallel_config is None and mesh is None:
@@ -62,20 +57,11 @@ def parallelize(
     pc.validate(model_config)
     # 1. FP8 conversion
     if pc.fp8:
-        try:
-            from dsv3.fp8 import convert_to_fp8  # type: ignore[attr-defined]
-        except ImportError as e:
-            raise ValueError("FP8 conversion (dsv3.fp8.convert_to_fp8) is not available") from e
-        convert_to_fp8(model)  # default FP8 recipe; a trainer with its own FP8Config converts before
+        convert_to_fp8(model)  # the default FP8 recipe (dsv3.fp8.FP8Config)
     # 2. expert parallel
     if pc.ep > 1 or pc.node_limit is not None or pc.fp8_dispatch or pc.bf16_combine:
         _apply_expert_parallel(model, mesh)
-    # 3. activation checkpointing, 4. compile
-    if pc.activation_checkpointing:
-        raise ValueError("activation checkpointing under parallelize is not implemented yet")
-    if pc.compile:
-        raise ValueError("torch.compile under parallelize is not implemented yet")
-    # 5. data parallel: identical replicas (gradient reduction and ZeRO-1 live in DataParallel)
+    # 3. data parallel: identical replicas (gradient reduction and ZeRO-1 live in DataParallel)
     if mesh.data_size > 1:
         DataParallel(model, mesh, zero1=False).broadcast_parameters()
     return model
@@ -94,13 +80,10 @@ __all__ = [
     "full_state_dict",
     "global_expert_counts",
     "init_distributed",
-    "latest_complete",
     "load_full_state_dict",
     "load_report",
-    "load_sharded",
     "parallelize",
     "route",
     "run_local",
-    "save_sharded",
     "spawn",
 ]

@@ -1,4 +1,4 @@
-"""Parallel layout: `ParallelConfig` and the `Mesh` of process groups built from it.
+"""The `Mesh` of process groups built from a parallel layout (`dsv3.config.ParallelConfig`).
 
 Layout (DeepSeek-V3 trains with PP16 x EP64 x ZeRO-1 DP, no tensor parallelism). The world is
 pp x dp x ep ranks, rank = (pp_rank * dp + dp_rank) * ep + ep_rank, so the EP ranks of one expert shard
@@ -25,98 +25,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dsv3.config import ModelConfig
+from dsv3.config import ParallelConfig
 
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"invalid parallel config: {name}: {msg}")
-
-
-@dataclass
-class ParallelConfig:
-    """How a model is spread over ranks. world size = pp * dp * ep."""
-
-    dp: int = 1  # replicas of each expert shard (ZeRO-1 data parallel); batch is split over dp * ep ranks
-    ep: int = 1  # expert-parallel ranks: n_routed_experts / ep experts per rank
-    pp: int = 1  # pipeline stages (the schedule lives in dsv3.parallel.pipeline)
-    nodes: int = 1  # simulated nodes the EP group spans (ep / nodes ranks per node)
-    node_limit: int | None = None  # M: route each token to experts on at most M nodes (None = no limit)
-    fp8_dispatch: bool = False  # send dispatched activations as E4M3 with 1x128 scales
-    bf16_combine: bool = False  # send expert outputs back (and dispatch gradients) in BF16
-    overlap_shared: bool = True  # run the shared expert while the dispatch all-to-all is in flight
-    zero1: bool = True  # shard optimizer states over the data-parallel replicas (ZeRO stage 1)
-    fp8: bool = False  # FP8 Linear conversion (applied first by `parallelize`)
-    activation_checkpointing: bool = False
-    compile: bool = False
-    backend: str | None = None  # "gloo" / "nccl" / None = nccl with CUDA, else gloo
-    timeout_s: float = 120.0  # collective timeout: a dead peer turns into an error, not a hang
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp * self.ep
-
-    @property
-    def data_parallel_size(self) -> int:
-        """Ranks that split the batch (and reduce the dense gradients) within one pipeline stage."""
-        return self.dp * self.ep
-
-    def validate(self, model_config: ModelConfig | None = None) -> ParallelConfig:
-        """Raise ValueError naming the field for an impossible layout; return self."""
-        for name in ("dp", "ep", "pp", "nodes"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, name, f"must be a positive integer, got {v!r}")
-        _check(self.ep % self.nodes == 0, "nodes", f"ep={self.ep} is not divisible by nodes={self.nodes}")
-        if self.node_limit is not None:
-            _check(
-                isinstance(self.node_limit, int) and self.node_limit >= 1,
-                "node_limit",
-                f"must be a positive integer or null, got {self.node_limit!r}",
-            )
-        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
-        _check(
-            self.backend in (None, "gloo", "nccl"),
-            "backend",
-            f"must be gloo, nccl or null, got {self.backend!r}",
-        )
-        if model_config is None:
-            return self
-        needs_moe = self.ep > 1 or self.node_limit is not None or self.fp8_dispatch or self.bf16_combine
-        if needs_moe:
-            _check(
-                model_config.is_moe, "ep", "expert parallelism needs a MoE model (n_routed_experts is null)"
-            )
-        if model_config.is_moe:
-            E = model_config.n_routed_experts
-            _check(E % self.ep == 0, "ep", f"n_routed_experts={E} is not divisible by ep={self.ep}")
-            if self.node_limit is not None:
-                per_node = E // self.nodes
-                K = model_config.num_experts_per_tok
-                _check(
-                    min(self.node_limit, self.nodes) * per_node >= K,
-                    "node_limit",
-                    f"{self.node_limit} node(s) of {per_node} experts cannot hold num_experts_per_tok={K}",
-                )
-                G = model_config.n_group or 1
-                grouped = G > 1 and model_config.topk_method != "greedy"
-                _check(
-                    not grouped or G % self.nodes == 0,
-                    "node_limit",
-                    f"node-limited routing needs the router's groups to nest in nodes: n_group={G} must be a "
-                    f"multiple of nodes={self.nodes}",
-                )
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ParallelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"invalid parallel config: unknown field(s) {unknown}")
-        return cls(**d).validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+__all__ = ["Mesh", "ParallelConfig", "build_mesh", "group_size", "rank_of"]
 
 
 @dataclass
@@ -180,7 +91,8 @@ class Mesh:
     @classmethod
     def single(cls, config: ParallelConfig | None = None) -> Mesh:
         """A one-process mesh (no collectives). With ep > 1 it is only valid for planning/inspection."""
-        return cls(config=(config or ParallelConfig()).validate())
+        config = config or ParallelConfig()
+        return cls(config=dataclasses.replace(config, dp=config.dp or 1).validate())
 
     def describe(self) -> str:
         return (
@@ -206,6 +118,8 @@ def build_mesh(config: ParallelConfig) -> Mesh:
             "(launch with `dsv3 train --nproc N` or torchrun)"
         )
     world = dist.get_world_size()
+    if config.dp is None:  # the data-parallel width the world leaves
+        config = dataclasses.replace(config, dp=max(world // (config.pp * config.ep), 1))
     if world != config.world_size:
         raise ValueError(
             f"world size {world} does not match the parallel layout pp={config.pp} x dp={config.dp} "

@@ -3,8 +3,9 @@
     dsv3 train --preset tiny [--data PATH] [--out RUN_DIR] [--steps N] [--stop-at K] [--resume]
                [--overwrite] [--fp8] [key=value ...]
 
-`key=value` sets a train field (see dsv3.config.TrainConfig) or a model field (ModelConfig); `model.key`
-or `train.key` picks one explicitly. Every override is checked, with both configs validated, before
+`key=value` sets a train field (see dsv3.config.TrainConfig), a model field (ModelConfig) or a field of the
+parallel layout (ParallelConfig: ep, dp, pp, pp_schedule, fp8, ...); `model.key`, `train.key` or
+`parallel.key` picks one explicitly. Every override is checked, with both configs validated, before
 anything is trained: an unknown key or a bad value is an error naming the key.
 """
 
@@ -15,43 +16,42 @@ import dataclasses
 import sys
 from typing import Any
 
-from dsv3.config import ModelConfig, TrainConfig, coerce_value, load_preset
+from dsv3.config import ModelConfig, ParallelConfig, TrainConfig, coerce_value, load_preset
 from dsv3.runtime import tune_malloc
 
 
 def apply_overrides(
     model: ModelConfig, train: TrainConfig, pairs: list[str]
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Apply `key=value` strings to the two configs; ValueError names a bad key or value."""
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    m_kw: dict[str, Any] = {}
-    t_kw: dict[str, Any] = {}
+    """Apply `key=value` strings to the configs (a parallel-layout key sets `train.parallel`); ValueError
+    names a bad key or value."""
+    fields = {
+        "model": {f.name for f in dataclasses.fields(ModelConfig)},
+        "train": {f.name for f in dataclasses.fields(TrainConfig)} - {"parallel"},
+        "parallel": {f.name for f in dataclasses.fields(ParallelConfig)},
+    }
+    targets: dict[str, Any] = {"model": model, "train": train, "parallel": train.parallel}
+    kw: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "parallel": {}}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"expected key=value, got {pair!r}")
         scope, _, name = key.rpartition(".")
-        if scope not in ("", "model", "train"):
-            raise ValueError(f"unknown key {key!r}: the prefix must be 'model.' or 'train.'")
-        in_model, in_train = name in model_fields, name in train_fields
-        if (
-            scope == "model"
-            and not in_model
-            or scope == "train"
-            and not in_train
-            or not (in_model or in_train)
-        ):
-            where = {"model": "model", "train": "train"}.get(scope, "model or train")
+        scope = "parallel" if scope == "train.parallel" else scope
+        if scope not in ("", *fields):
+            raise ValueError(f"unknown key {key!r}: the prefix must be 'model.', 'train.' or 'parallel.'")
+        found = [s for s in fields if name in fields[s] and scope in ("", s)]
+        if not found:
+            where = scope or "model, train or parallel"
             raise ValueError(f"unknown key {key!r}: not a {where} setting")
-        if not scope and in_model and in_train:
-            raise ValueError(f"ambiguous key {key!r}: write model.{name} or train.{name}")
-        target, kw = (model, m_kw) if scope == "model" or (not scope and in_model) else (train, t_kw)
-        kw[name] = coerce_value(getattr(target, name), text, key)
+        if len(found) > 1:
+            raise ValueError(f"ambiguous key {key!r}: write {' or '.join(f'{s}.{name}' for s in found)}")
+        kw[found[0]][name] = coerce_value(getattr(targets[found[0]], name), text, key)
     try:
-        model = dataclasses.replace(model, **m_kw).validate()
-        train = dataclasses.replace(train, **t_kw).validate()
+        model = dataclasses.replace(model, **kw["model"]).validate()
+        parallel = dataclasses.replace(train.parallel, **kw["parallel"])
+        train = dataclasses.replace(train, **kw["train"], parallel=parallel).validate()
     except TypeError as e:  # a value of the wrong type that validate() trips over
         raise ValueError(f"invalid override: {e}") from None
     return model, train
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="start over in a run directory that holds a run"
     )
-    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (dsv3.fp8.convert_to_fp8)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (the same as fp8=true)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
     parser.add_argument(
@@ -99,12 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.train.distributed import make_trainer, maybe_spawn
+    from dsv3.train.distributed import make_trainer, maybe_spawn, with_fp8
     from dsv3.train.trainer import TrainingDiverged
 
     if args.steps is not None and args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
+    train_cfg = with_fp8(train_cfg, args.fp8)  # the flag is `fp8=true`'s short form
     if args.stop_at is not None and not 0 < args.stop_at <= train_cfg.steps:
         raise ValueError(f"--stop-at must be in [1, steps={train_cfg.steps}], got {args.stop_at}")
     spawned = maybe_spawn(args, model_cfg, train_cfg)  # --nproc N: start N ranks running this command
@@ -117,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         resume=args.resume,
         overwrite=args.overwrite,
-        fp8=args.fp8,
         progress=not args.no_progress,
     )
     try:
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if summary["step"] >= train_cfg.steps and not args.no_sample and train_cfg.sample_tokens:
         text = trainer.sample("\n")  # every rank: expert-parallel forwards need them all
-        if trainer.rank == 0:
+        if trainer.plan.is_main:
             print(f"\n--- sample (prompt: newline) ---\n{text}\n---")
     return 0
 

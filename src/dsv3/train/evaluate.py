@@ -8,7 +8,6 @@ Special tokens (BOS/EOS between documents) are scored but cover no bytes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -17,15 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.model import Transformer
-
-
-def autocast_context(
-    dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> contextlib.AbstractContextManager:
-    """BF16 autocast (FP32 master weights) or nothing for FP32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+from dsv3.tokenizer import Tokenizer
+from dsv3.train.step import autocast_context
 
 
 @torch.no_grad()
@@ -87,45 +79,33 @@ def eval_record(total_nats: float, total_tokens: int, total_bytes: int) -> dict[
 @torch.no_grad()
 def sample_text(
     model: Transformer,
-    tokenizer: object,
+    tokenizer: Tokenizer,
     prompt: str = "\n",
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     seed: int = 0,
 ) -> str:
-    """Continue `prompt`: through the inference engine (dsv3.LLM) when it is built, else a plain loop
-    that re-runs the model on the growing sequence (quadratic, fine for a few hundred tokens)."""
+    """Continue `prompt` with a plain loop that re-runs the model on the growing sequence (no cache:
+    quadratic, fine for the few hundred tokens of an end-of-run sample; serving has its own engine)."""
     was_training = model.training
     model.eval()
-    try:
-        try:
-            from dsv3.inference import LLM, SamplingParams
-        except ImportError:
-            return _sample_loop(model, tokenizer, prompt, max_new_tokens, temperature, seed)
-        llm = LLM(model, tokenizer=tokenizer, max_batch_size=1, seed=seed)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        return prompt + llm.generate(prompt, params)[0].text
-    finally:
-        model.train(was_training)
-
-
-def _sample_loop(
-    model: Transformer, tokenizer: object, prompt: str, max_new_tokens: int, temperature: float, seed: int
-) -> str:
     gen = torch.Generator().manual_seed(seed)
     ids = tokenizer.encode(prompt)
-    eos = tokenizer.eos_id
     limit = model.config.max_position_embeddings
+    device = next(model.parameters()).device
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        ctx = (ids + out)[-limit:]
-        logits = model(torch.tensor([ctx]), with_mtp=False).logits[0, -1].float()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        if nxt == eos:
-            break
-        out.append(nxt)
+    try:
+        for _ in range(max_new_tokens):
+            ctx = (ids + out)[-limit:]
+            logits = model(torch.tensor([ctx], device=device), with_mtp=False).logits[0, -1].float().cpu()
+            if temperature == 0:
+                nxt = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            if nxt == tokenizer.eos_id:
+                break
+            out.append(nxt)
+    finally:
+        model.train(was_training)
     return prompt + tokenizer.decode(out)

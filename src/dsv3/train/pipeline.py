@@ -1,6 +1,8 @@
 """Pipeline-parallel training: `dsv3 train --nproc N pp=P [dp=D] [pp_schedule=dualpipev] [pp_microbatches=M]`.
 
-Every rank builds the same model (same seed), cuts it into the schedule's stages (dsv3.parallel.pipeline:
+`PipelinePlan` is the trainer's parallel plan for pp > 1 (see dsv3.train.plans for the interface).
+Every rank builds the same model (same seed), `parallelize`s it like every plan (with ep = 1 and no FP8
+that makes the data-parallel replicas identical), cuts it into the schedule's stages (dsv3.parallel.pipeline:
 1F1B, ZB1P, DualPipe or DualPipeV) and trains only the parameters of its own stages: the optimizer holds
 those alone. A step is `PipelineRuntime.step` over the whole batch split into micro-batches (the same
 batch on every rank), then:
@@ -24,22 +26,22 @@ it); the sample is broadcast to every rank.
 Data parallelism (`dp`): each replica of the pipeline takes its rows of the batch; the replicas average
 their gradients (FP32 all-reduce) and losses, and add up their expert loads.
 
-Limits of this version: pp combines with dp, not with ep (and not with FP8 or torch.compile); sampling
-and the HF export need room for the whole model on rank 0.
+Limits of this version: pp combines with dp, not with ep (and not with FP8 or torch.compile: refused by
+TrainConfig.validate); sampling and the HF export need room for the whole model on rank 0.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsv3.config import ModelConfig, TrainConfig
+from dsv3.config import ModelConfig, ParallelConfig, TrainConfig
 from dsv3.model import IGNORE_INDEX, Transformer, lm_loss
+from dsv3.parallel import Mesh, parallelize
 from dsv3.parallel.pipeline import (
     PipelineRuntime,
     Schedule,
@@ -48,65 +50,53 @@ from dsv3.parallel.pipeline import (
     sync_expert_counts,
     sync_replicated_grads,
 )
-from dsv3.train.distributed import ParallelTrainer
-from dsv3.train.evaluate import autocast_context, eval_record, eval_windows
+from dsv3.train.evaluate import eval_record, eval_windows
 from dsv3.train.optim import grad_norm
-from dsv3.train.schedule import batch_size_at, mtp_weight_at
-from dsv3.train.trainer import Trainer
+from dsv3.train.plans import MakeOptimizer
+from dsv3.train.step import LossStep, autocast_context, balance_alpha, new_model
 
 
-def pipeline_schedule(train_cfg: TrainConfig, ranks: int) -> Schedule:
+def pipeline_schedule(parallel_cfg: ParallelConfig, ranks: int) -> Schedule:
     """The schedule for `ranks` pipeline ranks (DualPipeV: two stages per rank)."""
-    n = train_cfg.pp_microbatches or 2 * ranks
-    stages = 2 * ranks if train_cfg.pp_schedule == "dualpipev" else ranks
+    pc = parallel_cfg
+    n = pc.pp_microbatches or 2 * ranks
+    stages = 2 * ranks if pc.pp_schedule == "dualpipev" else ranks
     try:
-        return make_schedule(train_cfg.pp_schedule, stages, n)
+        return make_schedule(pc.pp_schedule, stages, n)
     except ValueError as e:
         raise ValueError(f"invalid config: pp_schedule: {e}") from None
 
 
-def check_pipeline_config(train_cfg: TrainConfig, dp: int, model_cfg: ModelConfig | None) -> None:
-    """Everything a pipeline run needs, checked before any rank starts (ValueError naming the field)."""
-    c = train_cfg
-    if c.ep != 1:
-        raise ValueError(f"invalid config: pp: pipeline parallelism runs with ep = 1 here, got ep={c.ep}")
-    sched = pipeline_schedule(c, c.pp)
-    n = sched.num_microbatches
-    if c.batch_size % (dp * n):
-        raise ValueError(
-            f"invalid config: batch_size: {c.batch_size} is not divisible into dp={dp} x {n} micro-batches"
-        )
-    if c.micro_batch_size is not None:
-        raise ValueError("invalid config: micro_batch_size: the pipeline sets it (batch / pp_microbatches)")
-    if c.compile:
-        raise ValueError("invalid config: compile: torch.compile is not applied to pipeline stages")
-    if model_cfg is not None and model_cfg.num_hidden_layers < sched.num_stages:
-        raise ValueError(
-            f"invalid config: pp: {sched.num_stages} stages need at least as many layers, "
-            f"the model has {model_cfg.num_hidden_layers}"
-        )
+class PipelinePlan:
+    """pp > 1 (x dp): each rank trains the parameters of its schedule's stages."""
 
-
-class PipelineTrainer(ParallelTrainer):
-    pipeline = True
-
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path, **kw: Any):
+    def __init__(self, mesh: Mesh, device: str | torch.device = "cpu"):
+        self.mesh, self.device = mesh, torch.device(device)
+        self.is_main = mesh.rank == 0
+        # the rows of this data-parallel replica; every pipeline rank of the replica sees all of them
+        self.data_rank, self.data_size = mesh.dp_rank, mesh.dp
+        self.schedule = pipeline_schedule(mesh.config, mesh.pp)
+        self.batch_multiple = mesh.dp * self.schedule.num_microbatches
         self._mtp_w = 0.0
-        super().__init__(model_config, train_config, run_dir, **kw)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.mesh.world_group)
 
     # ------------------------------------------------------------------ setup
-    def build_model(self) -> Transformer:
-        if self.fp8:
-            raise ValueError("--fp8 with pp > 1 is not supported yet")
-        model = Trainer.build_model(self)  # the same full model on every rank (seeded), then pruned
+    def build_model(self, model_config: ModelConfig, cfg: TrainConfig) -> Transformer:
+        """The same full model on every rank (seeded), parallelized, then cut into this rank's stages;
+        every parameter no local stage uses is freed."""
+        self.model_config = model_config
+        self._alpha, self._balance_loss = balance_alpha(model_config, cfg), cfg.balance_loss
         mesh, group = self.mesh, self.mesh.pp_group
-        self.schedule = pipeline_schedule(self.cfg, mesh.pp)
+        model = parallelize(new_model(model_config, cfg, self.device), mesh.config, mesh)
+        self.model = model
         self.stages = build_stages(model, self.schedule.stages_of(mesh.pp_rank), self.schedule.num_stages)
         self.runtime = PipelineRuntime(self.schedule, self.stages, group=group, loss_fn=self._loss)
         local = {n: p for st in self.stages.values() for n, p in st.named_parameters()}
         everyone: list = [None] * mesh.pp
         dist.all_gather_object(everyone, sorted(local), group=group)
-        self._owner = {}  # parameter name -> lowest pipeline rank holding it
+        self._owner: dict[str, int] = {}  # parameter name -> lowest pipeline rank holding it
         for r, names in enumerate(everyone):
             for n in names:
                 self._owner.setdefault(n, r)
@@ -118,33 +108,34 @@ class PipelineTrainer(ParallelTrainer):
         }
         return model
 
-    def build_optimizer(self):  # type: ignore[no-untyped-def]
+    def build_optimizer(self, model: Transformer, make: MakeOptimizer) -> torch.optim.Optimizer:
         """AdamW over this rank's stages only (the embedding counted once when two local stages share it)."""
-        return Trainer.build_optimizer(self, torch.nn.ModuleList(self.stages.values()))
+        self.optimizer = make(torch.nn.ModuleList(self.stages.values()))
+        return self.optimizer
 
     def _loss(self, out, labels):  # type: ignore[no-untyped-def]
-        return lm_loss(out, labels, self._mtp_w, self.balance_alpha, self.cfg.balance_loss)
+        return lm_loss(out, labels, self._mtp_w, self._alpha, self._balance_loss)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict[str, Any]:
-        c, step = self.cfg, self.step
-        t0 = time.perf_counter()
+    def forward_backward(
+        self, loss: LossStep, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, micro: int | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The schedule over the replica's rows (its micro-batches: rows / pp_microbatches each)."""
         mesh = self.mesh
-        b = batch_size_at(c, step, multiple=mesh.dp * self.schedule.num_microbatches)
-        # the rows of this data-parallel replica; every pipeline rank of the replica sees all of them
-        x, y = self.data.next_batch(b, mesh.dp_rank, mesh.dp)
-        x, y = x.to(self.device), y.to(self.device)
-        self._mtp_w = mtp_w = mtp_weight_at(c, step)
-        with autocast_context(self.dtype, self.device):
+        self._mtp_w = mtp_weight
+        with autocast_context(loss.dtype, self.device):
             result = self.runtime.step(x, y)
         sync_replicated_grads(self.stages, mesh.pp_group)
         sync_expert_counts(self.stages, mesh.pp_group)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         sums = torch.stack([result.parts[k] for k in ("loss", "main_loss", "mtp_loss", "balance_loss")])
+        sums = sums.detach().float().cpu()
         if mesh.dp > 1:  # average the replicas' gradients and losses (FP32)
             self._average_over_replicas([p.grad for p in params if p.grad is not None])
-            sums = self.reduce_scalar(sums.float())
-        return self.apply_step(t0, b, mtp_w, sums.float(), self._global_counts(), params, self._grad_norm())
+            t = sums.to(self.device, torch.float64)
+            dist.all_reduce(t, group=mesh.data_group)
+            sums = (t / mesh.data_size).to("cpu", torch.float32)
+        return sums, self._global_counts(), self._grad_norm()
 
     def _average_over_replicas(self, grads: list[torch.Tensor]) -> None:
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -194,24 +185,26 @@ class PipelineTrainer(ParallelTrainer):
             if n not in self._local:
                 p.data = p.data.new_empty(0)
 
-    def param_counts(self) -> tuple[int, int]:
+    def param_counts(self, model: Transformer) -> tuple[int, int]:
         total = sum(s.numel() for s in self._shapes.values())
         mtp = sum(s.numel() for n, s in self._shapes.items() if n.startswith("mtp."))
         return total - mtp, total
 
     @torch.no_grad()
-    def gather_model(self) -> Transformer | None:
+    def gather_model(self, model: Transformer) -> Transformer | None:
         """Collective over the pipeline: the whole up-to-date model on pipeline rank 0 (None elsewhere).
         Each parameter comes from the lowest rank holding it; buffers (balance biases, RoPE) are the
         same on every rank and come from rank 0's copy."""
+        if self.mesh.dp_rank != 0:  # one replica's pipeline gathers; the others hold the same weights
+            return None
         me, group = self.mesh.pp_rank, self.mesh.pp_group
-        local = {n: p for n, p in self.model.named_parameters() if n in self._local}
+        local = {n: p for n, p in model.named_parameters() if n in self._local}
         full: Transformer | None = None
         if me == 0:
             with torch.device("meta"):
                 full = Transformer(self.model_config)
             full = full.to_empty(device=self.device)
-            for n, b in self.model.named_buffers():
+            for n, b in model.named_buffers():
                 full.get_buffer(n).copy_(b)
             if self.model_config.tie_word_embeddings:
                 full.head.weight = full.embed.weight
@@ -235,60 +228,53 @@ class PipelineTrainer(ParallelTrainer):
                     off += k
         return full.eval() if full is not None else None
 
-    def _on_rank0(self, fn):  # type: ignore[no-untyped-def]
-        """fn(full model) on pipeline rank 0; its result broadcast to every rank."""
-        full = self.gather_model()
+    def on_full_model(self, model: Transformer, fn: Callable[[Transformer], Any]) -> Any:
+        """fn(full model) on rank 0 (gathered by the first replica's pipeline); its result broadcast to
+        every rank."""
+        full = self.gather_model(model)
         box = [fn(full) if full is not None else None]
-        dist.broadcast_object_list(box, group=self.mesh.pp_group, group_src=0)
+        dist.broadcast_object_list(box, src=0, group=self.mesh.world_group)
         return box[0]
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int | None = None, model: Transformer | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, model: Transformer, windows: np.ndarray, token_bytes: Any, batch_size: int,
+        dtype: torch.dtype, max_batches: int | None,
+    ) -> dict[str, float]:  # fmt: skip
         """Validation through the pipeline (forward-only schedule): no rank needs the whole model.
 
         Each batch of windows runs as its largest multiple of the micro-batch count N, then the k < N
         windows left over as N one-row micro-batches of which N - k are padding (no targets, not
         counted); a micro-batch's mean CE times its target count gives its nats. Every data-parallel
         replica evaluates the same windows, so all ranks log the same figures."""
-        c, N = self.cfg, self.schedule.num_microbatches
-        windows = eval_windows(self.val_windows, c.batch_size, max_batches)
-        lengths = torch.as_tensor(np.asarray(self.tokenizer.token_byte_lengths, dtype=np.int64))
+        N = self.schedule.num_microbatches
+        windows = eval_windows(windows, batch_size, max_batches)
+        lengths = torch.as_tensor(np.asarray(token_bytes, dtype=np.int64))
         nats, tokens, nbytes = 0.0, 0, 0
-        self.model.eval()
+        model.eval()
         try:
-            for i in range(0, len(windows), c.batch_size):
-                w = torch.from_numpy(windows[i : i + c.batch_size])
+            for i in range(0, len(windows), batch_size):
+                w = torch.from_numpy(windows[i : i + batch_size])
                 m = w.shape[0] // N * N
                 for part, real_rows in ((w[:m], m), (w[m:], w.shape[0] - m)):
                     if real_rows == 0:
                         continue
-                    nats += self._eval_nats(part, real_rows)
+                    nats += self._eval_nats(part, real_rows, dtype)
                     tokens += part[:, 1:].numel()
                     nbytes += int(lengths[part[:, 1:]].sum())
         finally:
-            self.model.train()
-        full = not max_batches or max_batches * c.batch_size >= len(self.val_windows)
-        return {"type": "eval", "step": self.step, **eval_record(nats, tokens, nbytes), "full": full}
+            model.train()
+        return eval_record(nats, tokens, nbytes)
 
-    def _eval_nats(self, w: torch.Tensor, k: int) -> float:
+    def _eval_nats(self, w: torch.Tensor, k: int, dtype: torch.dtype) -> float:
         """Summed CE (nats) over windows w [k, T+1]: k a multiple of N, or k < N padded to N rows."""
         N = self.schedule.num_microbatches
         if k < N:
             w = torch.cat([w, w[:1].expand(N - k, -1)])
         x, y = w[:, :-1].clone(), w[:, 1:].clone()
         y[k:] = IGNORE_INDEX
-        with autocast_context(self.dtype, self.device):
+        with autocast_context(dtype, self.device):
             table = self.runtime.step(x.to(self.device), y.to(self.device)).losses
         per_mb = y.shape[0] // N * y.shape[1]  # targets per micro-batch
         counted = torch.tensor([per_mb if j * (y.shape[0] // N) < k else 0 for j in range(N)])
         return float(torch.where(counted > 0, table[:, 1].double() * counted, 0.0).sum())
-
-    def sample(self, prompt: str = "\n", model: Transformer | None = None) -> str:
-        return self._on_rank0(lambda full: Trainer.sample(self, prompt, full))
-
-    def export_hf(self, model: Transformer | None = None) -> Path | None:
-        """Collective (called by save_checkpoint on every rank): rank 0 writes the gathered model."""
-        if self.mesh.dp_rank != 0:  # one replica's pipeline gathers; the others hold the same weights
-            return None
-        full = self.gather_model()
-        return Trainer.export_hf(self, full) if full is not None else None
