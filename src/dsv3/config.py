@@ -407,7 +407,7 @@ class ParallelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"invalid config: unknown parallel field(s) {unknown}")
+            raise ValueError(f"invalid config: parallel: unknown field(s) {unknown}")
         return cls(**d).validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -136,12 +136,15 @@ def make_temp_dir(final: str | os.PathLike, name: str | None = None) -> Path:
 
 
 def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """fsync every file of `tmp`, then rename it to `final` (replacing an existing one) and fsync the
-    parent. On an OSError `tmp` is removed and `final` is left as it was (WriteError)."""
+    """Give every file of `tmp` the umask's permissions and fsync it, then rename `tmp` to `final`
+    (replacing an existing one) and fsync the parent. On an OSError `tmp` is removed and `final` is left
+    as it was (WriteError)."""
     tmp, final = Path(tmp), Path(final)
+    mode = file_mode()
     try:
         for f in tmp.iterdir():
             if f.is_file():
+                f.chmod(mode)  # some writers (safetensors' save_file) create their files private
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)

@@ -149,3 +149,30 @@ def test_gradient_accumulation_matches_one_batch(corpus, tmp_path):
         trainer = make_trainer(model_cfg, train_cfg, tmp_path / micro, data=corpus, progress=False)
         losses.append([trainer.train_step()["total_loss"] for _ in range(4)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_disk_full_while_checkpointing_is_one_error_line(corpus, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of a run: `dsv3 train` exits 2 with one line naming the checkpoint it could not
+    write; the previous checkpoint is intact and resumable."""
+    import errno
+
+    from dsv3 import io as dio
+
+    real = dio.write_synced
+
+    def write(path, data):
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(dio, "write_synced", write)
+    out = tmp_path / "run"
+    args = ["--steps", "4", *FAST, "eval_every=0", "ckpt_every=2", "--no-sample"]
+    capsys.readouterr()
+    assert _train(corpus, out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err, err
+    assert "step_00000004" in err and "intact (newest: step_00000002)" in err
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+    monkeypatch.undo()
+    assert _train(corpus, out, *args, "--resume") == 0

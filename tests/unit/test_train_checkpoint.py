@@ -65,3 +65,38 @@ def test_resave_same_step_and_stale_tmp_cleanup(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert ckpt.latest_good_checkpoint(tmp_path / "none") is None
+
+
+def test_disk_full_is_one_line_naming_the_path_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from dsv3 import io as dio
+
+    _save(tmp_path, 10)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dio, "write_synced", full)
+    with pytest.raises(ValueError) as e:
+        _save(tmp_path, 20)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg
+    assert str(tmp_path / "step_00000020") in msg and "intact (newest: step_00000010)" in msg
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000010"]
+    ckpt.verify_checkpoint(tmp_path / "step_00000010")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_layout_is_checked_on_load(tmp_path):
+    import pytest
+
+    from dsv3.config import ParallelConfig
+    from dsv3.parallel import Mesh
+
+    _save(tmp_path, 1)
+    with pytest.raises(ValueError, match="same layout"):
+        ckpt.load_checkpoint(tmp_path / "step_00000001", Mesh(config=ParallelConfig(dp=2), rank=1, dp_rank=1))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+from dsv3.io import torch_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input", required=True, help="HF model directory, or a run directory (uses RUN_DIR/model)"
     )
     parser.add_argument("--output", required=True, help="output HF model directory (written atomically)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of non-FP8 tensors")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="dtype of non-FP8 tensors")
     parser.add_argument(
         "--fp8",
         action="store_true",
@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsv3.checkpoint.hf import convert_checkpoint
 
+    dtype = torch_dtype(args.dtype)
     out = convert_checkpoint(
-        args.input, args.output, dtype=DTYPES[args.dtype], fp8=args.fp8, max_shard_size=args.max_shard_size
+        args.input, args.output, dtype=dtype, fp8=args.fp8, max_shard_size=args.max_shard_size
     )
     print(f"wrote {out} ({args.dtype}{', fp8 blocks' if args.fp8 else ''})")
     return 0

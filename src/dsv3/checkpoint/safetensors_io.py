@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from dsv3 import io as dio
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -191,7 +192,9 @@ def _looks_like_model_dir(path: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, keep_files: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename (dsv3.io's
+    writer: files fsynced, permissions from the umask; an OSError is one WriteError line naming `path`,
+    with the old directory untouched).
 
     An existing `path` must be an HF model directory (config.json and plain files) or empty: a run
     directory or anything else is refused rather than replaced. With keep_files, files of the old
@@ -203,23 +206,10 @@ def atomic_dir(path: str | os.PathLike, keep_files: bool = True) -> Iterator[Pat
         raise ValueError(
             f"refusing to replace {path}: it is not an HF model directory (no config.json, or subfolders)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
+    with dio.atomic_dir(path) as tmp:
         yield tmp
-        if path.is_dir():
-            if keep_files:
-                for old in path.iterdir():
-                    weights = old.name.endswith(".safetensors") or old.name == INDEX_NAME
-                    if not weights and not (tmp / old.name).exists():
-                        shutil.copy2(old, tmp / old.name)
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, backup / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if path.is_dir() and keep_files:
+            for old in path.iterdir():
+                weights = old.name.endswith(".safetensors") or old.name == INDEX_NAME
+                if not weights and not (tmp / old.name).exists():
+                    shutil.copy2(old, tmp / old.name)

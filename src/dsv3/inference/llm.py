@@ -26,11 +26,12 @@ from dsv3.inference.engine import Engine
 from dsv3.inference.protocol import RequestOutput, TokenizerProtocol
 from dsv3.inference.sampling import SamplingParams
 from dsv3.inference.speculative import SpecStats
+from dsv3.io import DTYPES as ALL_DTYPES
 from dsv3.model import Gate, Transformer
 from dsv3.model.rope import rope_inv_freq
 from dsv3.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {n: ALL_DTYPES[n] for n in ("float32", "fp32", "bfloat16", "bf16")}  # what inference runs in
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
