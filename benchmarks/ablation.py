@@ -25,6 +25,7 @@ import torch
 
 from dsv3.train.balance import max_violation
 from dsv3.train.cli import build_configs
+from dsv3.train.distributed import make_trainer
 from dsv3.train.evaluate import autocast_context
 from dsv3.train.metrics import read_metrics
 from dsv3.train.trainer import Trainer
@@ -42,8 +43,8 @@ def val_max_vio(trainer: Trainer) -> float:
     """MaxVio over the whole validation split, averaged over the main model's MoE layers."""
     model = trainer.model.eval()
     counts = None
-    for i in range(0, len(trainer.val_windows), trainer.cfg.batch_size):
-        w = torch.from_numpy(trainer.val_windows[i : i + trainer.cfg.batch_size])
+    for i in range(0, len(trainer.data.val_windows), trainer.cfg.batch_size):
+        w = torch.from_numpy(trainer.data.val_windows[i : i + trainer.cfg.batch_size])
         with autocast_context(trainer.dtype):
             stats = model(w[:, :-1], with_mtp=False).router_stats
         c = [s.counts for s in stats]
@@ -70,7 +71,7 @@ def main() -> None:
         model_cfg, train_cfg = build_configs(args.preset, extra, args.steps)
         run_dir = Path(args.out) / name
         t0 = time.perf_counter()
-        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=False, overwrite=True, progress=False)
+        trainer = make_trainer(model_cfg, train_cfg, run_dir, overwrite=True, progress=False)
         summary = trainer.fit()
         train = [r for r in read_metrics(run_dir) if r.get("type") == "train"]
         tail = train[-max(1, len(train) // 5) :]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dsv3.train.cli import build_configs
+from dsv3.train.distributed import make_trainer, with_fp8
 from dsv3.train.trainer import Trainer
 
 MODES = {"bf16": ("bfloat16", False), "fp32": ("float32", False), "fp8": ("bfloat16", True)}  # dtype, fp8
@@ -52,7 +53,7 @@ def saved_activation_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -
 
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = trainer.forward_loss(x, y, 0.3)[0].loss  # (under the trainer's autocast)
+        out = trainer.loss_step.eager(x, y, 0.3)[0].loss  # (under the trainer's autocast)
     by_dtype: dict[str, int] = {}
     for dtype, n in seen.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + n
@@ -136,11 +137,10 @@ def main() -> int:
     base, ours = names
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
-            n: Trainer(
+            n: make_trainer(
                 model_cfg,
-                dataclasses.replace(train_cfg, dtype=MODES[n][0]),
+                with_fp8(dataclasses.replace(train_cfg, dtype=MODES[n][0]), MODES[n][1]),
                 Path(tmp) / n,
-                fp8=MODES[n][1],
                 progress=False,
                 overwrite=True,
             )
@@ -152,8 +152,8 @@ def main() -> int:
         )
         if not same:
             raise RuntimeError("the two runs do not start from the same weights")
-        x, y = a.data.next_batch(train_cfg.batch_size, 0, 1)
-        a.data.load_state_dict(b.data.state_dict())  # rewind: both runs then see the same batches
+        x, y = a.data.train.next_batch(train_cfg.batch_size, 0, 1)
+        a.data.train.load_state_dict(b.data.train.state_dict())  # rewind: both runs then see the same batches
         mem = {n: saved_activation_bytes(t, x, y) for n, t in trainers.items()}
         curves: dict[str, list[float]] = {n: [] for n in names}
         vals: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
