@@ -42,3 +42,28 @@ def test_cli_rejects_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing was started
     rc = main(["train", "--preset", "nope", "--out", str(tmp_path / "r")])
     assert rc == 2 and "unknown preset" in capsys.readouterr().err
+
+
+def test_layout_keys_set_the_one_parallel_config():
+    _, t = build_configs(
+        "debug", ["ep=2", "parallel.zero1=false", "train.parallel.pp_schedule=zb1p", "fp8=true"]
+    )
+    p = t.parallel
+    assert (p.ep, p.zero1, p.pp_schedule, p.fp8, p.dp) == (2, False, "zb1p", True, None)
+    assert t.layout(4).dp == 2 and t.to_dict()["parallel"]["ep"] == 2
+    with pytest.raises(ValueError, match="unknown key 'parallel.lr'"):
+        build_configs("debug", ["parallel.lr=1"])
+
+
+@pytest.mark.parametrize(
+    "pairs, match",
+    [
+        (["pp=2", "fp8=true"], "fp8"),
+        (["pp=2", "compile=true"], "compile"),
+        (["pp=2", "ep=2"], "ep = 1"),
+        (["pp=2", "micro_batch_size=1"], "micro_batch_size"),
+    ],
+)
+def test_unsupported_combinations_fail_at_validate(pairs, match):
+    with pytest.raises(ValueError, match=match):
+        build_configs("debug", pairs)
