@@ -468,6 +468,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row that stop the run
     seed: int = 1234
     compile: bool = False  # torch.compile the loss computation
+    # routed-expert execution (dsv3.cpu.EXPERT_BACKENDS): "auto" = "padded" on CPU, else "grouped_mm"
+    expert_backend: str = "auto"
     sample_tokens: int = 200
     sample_temperature: float = 0.8
     # how the run is spread over ranks (`key=value` reaches these fields directly: ep=2, pp=2, fp8=true)
@@ -490,6 +492,8 @@ class TrainConfig:
             f"must be null or a positive integer, got {self.micro_batch_size!r}",
         )
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        backends = ("auto", "grouped_mm", "padded")
+        _check(self.expert_backend in backends, "expert_backend", f"must be one of {backends}")
         for name in (
             "warmup_frac",
             "decay_start_frac",

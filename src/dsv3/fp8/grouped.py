@@ -83,6 +83,8 @@ def fp8_grouped_linear(
 class FP8GroupedExperts(GroupedExperts):
     """GroupedExperts with FP8 grouped GEMMs; parameters and state-dict keys unchanged."""
 
+    backend = "fp8"
+
     def __init__(
         self, n_experts: int, dim: int, inter_dim: int, config: FP8Config | None = None, name: str = "experts"
     ):

@@ -53,7 +53,7 @@ from dsv3.parallel.pipeline import (
 from dsv3.train.evaluate import eval_record, eval_windows
 from dsv3.train.optim import grad_norm
 from dsv3.train.plans import MakeOptimizer
-from dsv3.train.step import LossStep, autocast_context, balance_alpha, new_model
+from dsv3.train.step import LossStep, apply_speed_paths, autocast_context, balance_alpha, new_model
 
 
 def pipeline_schedule(parallel_cfg: ParallelConfig, ranks: int) -> Schedule:
@@ -90,6 +90,8 @@ class PipelinePlan:
         self._alpha, self._balance_loss = balance_alpha(model_config, cfg), cfg.balance_loss
         mesh, group = self.mesh, self.mesh.pp_group
         model = parallelize(new_model(model_config, cfg, self.device), mesh.config, mesh)
+        # "auto" keeps the reference experts here: the schedules' weight-gradient split wraps those
+        apply_speed_paths(model, cfg, self.device, auto="grouped_mm")
         self.model = model
         self.stages = build_stages(model, self.schedule.stages_of(mesh.pp_rank), self.schedule.num_stages)
         self.runtime = PipelineRuntime(self.schedule, self.stages, group=group, loss_fn=self._loss)

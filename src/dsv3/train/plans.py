@@ -30,7 +30,7 @@ from dsv3.parallel import DataParallel, Mesh, full_state_dict, parallelize
 from dsv3.parallel.data_parallel import ShardedOptimizer
 from dsv3.train.evaluate import evaluate
 from dsv3.train.optim import grad_norm
-from dsv3.train.step import LossStep, accumulate, new_model
+from dsv3.train.step import LossStep, accumulate, apply_speed_paths, new_model
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -86,7 +86,9 @@ class SinglePlan:
         pass
 
     def build_model(self, model_config: ModelConfig, cfg: TrainConfig) -> Transformer:
-        return parallelize(new_model(model_config, cfg, self.device), mesh=self.mesh)  # FP8 if switched on
+        model = parallelize(new_model(model_config, cfg, self.device), mesh=self.mesh)  # FP8 if switched on
+        apply_speed_paths(model, cfg, self.device)
+        return model
 
     def build_optimizer(self, model: Transformer, make: MakeOptimizer) -> torch.optim.Optimizer:
         opt = make(model)
@@ -133,7 +135,9 @@ class ExpertDataPlan:
 
     def build_model(self, model_config: ModelConfig, cfg: TrainConfig) -> Transformer:
         self.model_config = model_config
-        return parallelize(new_model(model_config, cfg, self.device), self.mesh.config, self.mesh)
+        model = parallelize(new_model(model_config, cfg, self.device), self.mesh.config, self.mesh)
+        apply_speed_paths(model, cfg, self.device)
+        return model
 
     def build_optimizer(self, model: Transformer, make: MakeOptimizer) -> ShardedOptimizer:
         self.dp = DataParallel(model, self.mesh, make(model))

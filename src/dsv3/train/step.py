@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig, TrainConfig
-from dsv3.model import GroupedExperts, Transformer, lm_loss
+from dsv3.cpu import apply_cpu_training, set_expert_backend
+from dsv3.model import Transformer, lm_loss
 from dsv3.train.regularize import add_residual_dropout
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[Any, list[torch.Tensor]]]
@@ -48,9 +49,20 @@ def new_model(model_config: ModelConfig, cfg: TrainConfig, device: torch.device)
     return model.to(device).train()
 
 
-def expert_backends(model: nn.Module) -> list[str]:
-    """The expert execution strategies in a built model (`GroupedExperts.backend` of each kind)."""
-    return sorted({m.backend for m in model.modules() if isinstance(m, GroupedExperts)})
+def apply_speed_paths(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, auto: str | None = None
+) -> None:
+    """The speed paths a run applies to its built (FP8-converted, parallelized) model: on CPU the
+    attention cores and expert layouts of `dsv3.cpu.apply_cpu_training`; elsewhere the expert backend.
+    `cfg.expert_backend` "auto" is `auto` if given, else "padded" on CPU and "grouped_mm" elsewhere.
+    FP8 and weight-gradient-split experts keep their own forward."""
+    backend = cfg.expert_backend
+    if backend == "auto":
+        backend = auto or ("padded" if device.type == "cpu" else "grouped_mm")
+    if device.type == "cpu":
+        apply_cpu_training(model, backend)
+    else:
+        set_expert_backend(model, backend)
 
 
 class LossStep:

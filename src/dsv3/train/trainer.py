@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dsv3.checkpoint import save_pretrained
 from dsv3.config import ModelConfig, TrainConfig
+from dsv3.cpu import expert_backends
 from dsv3.io import torch_dtype
 from dsv3.train.balance import balance_biases, max_violation, update_balance_bias
 from dsv3.train.checkpoint import Checkpointer
@@ -43,7 +44,7 @@ from dsv3.train.optim import AdamW, clip_grads, param_groups, set_lr
 from dsv3.train.plans import ParallelPlan
 from dsv3.train.schedule import batch_size_at, bias_update_speed_at, lr_at, mtp_weight_at
 from dsv3.train.setup import TrainData
-from dsv3.train.step import LossStep, expert_backends
+from dsv3.train.step import LossStep
 
 
 class TrainingDiverged(RuntimeError):

@@ -154,6 +154,8 @@ class _GroupedFn(torch.autograd.Function):
 class SplitGroupedExperts(GroupedExperts):
     """GroupedExperts whose three weight gradients can be deferred to a `WeightGradStore`."""
 
+    backend = "grouped_mm+wgrad_split"
+
     wgrad_store: WeightGradStore
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
