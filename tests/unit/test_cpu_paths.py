@@ -36,7 +36,8 @@ def _debug(**kw) -> ModelConfig:
 def test_model_package_has_no_device_grad_or_engine_branches():
     """model/ is the reference: no branch on device type, grad or inference mode, no engine flags."""
     pattern = re.compile(
-        r"device\.type ?[!=]=|is_cuda|is_cpu|is_grad_enabled|is_inference_mode_enabled|inference_mode|decode_|hasattr\(|getattr\("
+        r"device\.type ?[!=]=|is_cuda|is_cpu|is_grad_enabled|is_inference_mode_enabled|inference_mode"
+        r"|decode_|hasattr\(|getattr\("
     )
     root = Path(dsv3.model.__file__).parent
     hits = [
@@ -257,3 +258,61 @@ def test_engine_applies_the_inference_paths_and_matches_the_reference():
     with torch.no_grad():
         greedy = ref(ids, with_mtp=False).logits[0, len(prompt) - 1 : -1].argmax(-1)
     assert greedy.tolist() == out.token_ids
+
+
+def test_padded_experts_chunked_layout_for_skewed_routing():
+    """Skewed routing takes the chunked layout (bounded shapes): outputs and gradients equal the
+    grouped GEMM's, and the chunk count is a multiple of CHUNK_ALIGN."""
+    from dsv3.cpu.experts import CHUNK, CHUNK_ALIGN, chunked_slots
+
+    torch.manual_seed(0)
+    E, D, inter, N, K = 4, 16, 8, 300, 1
+    ex = GroupedExperts(E, D, inter)
+    for p in ex.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(N, D, requires_grad=True)
+    idx = torch.zeros(N, K, dtype=torch.long)
+    idx[:7, 0] = torch.tensor([1, 1, 2, 3, 3, 3, 1])  # expert 0 takes most rows
+    w = torch.rand(N, K)
+    counts = expert_counts(idx.reshape(-1), E)
+    assert padded_slots(counts, N * K) is None  # too skewed for [E, cap]
+    slot, chunk_expert = chunked_slots(counts, N * K)
+    assert chunk_expert.numel() % CHUNK_ALIGN == 0 and slot.unique().numel() == N * K
+    assert int(slot.max()) < chunk_expert.numel() * CHUNK
+
+    def run():
+        out = ex(x, w, idx)
+        return out, torch.autograd.grad(out.square().sum(), [x, *ex.parameters()])
+
+    ref, g_ref = run()
+    set_expert_backend(ex, "padded")
+    got, g_got = run()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_rmsnorm_equals_reference_with_gradients(dtype):
+    """The lean-backward RMSNorm gives the reference's outputs (bitwise) and its gradients (to FP32
+    rounding; BF16 inputs round dx to BF16 in both)."""
+    from dsv3.cpu import TrainingRMSNorm
+
+    torch.manual_seed(0)
+    ref = RMSNorm(64)
+    with torch.no_grad():
+        ref.weight.normal_()
+    x = (torch.randn(3, 5, 64) * 3).to(dtype)
+    outs = []
+    for cls in (RMSNorm, TrainingRMSNorm):
+        ref.__class__ = cls
+        xi = x.clone().requires_grad_()
+        dy = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+        y = ref(xi)
+        gx, gw = torch.autograd.grad(y, [xi, ref.weight], dy.to(y.dtype))
+        outs.append((y, gx, gw))
+    (y0, gx0, gw0), (y1, gx1, gw1) = outs
+    assert torch.equal(y0, y1) and gx1.dtype == gx0.dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gx1, gx0, rtol=tol, atol=tol)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-5)

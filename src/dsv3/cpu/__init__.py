@@ -4,7 +4,8 @@ Each path is its reference layer with a faster forward for CPU shapes and dtypes
 (parameters, names and state dicts unchanged) or, for MLA's attention core, set as `MLA.attention`:
 
 - training (`apply_cpu_training`, the trainer calls it on CPU): BF16 matmul attention and padded-SDPA
-  (`attention.py`), and an expert backend (`experts.py`: "padded" by default);
+  (`attention.py`), RMSNorm with a lean backward (`norm.py`), and an expert backend (`experts.py`:
+  "padded" by default);
 - inference (`apply_cpu_inference`, the engine calls it on CPU): packed GEMVs, fused norms, embedding-bag
   experts, cached absorbed weights, a RoPE table (`decode.py`).
 """
@@ -16,6 +17,8 @@ from torch import nn
 from dsv3.cpu.attention import cpu_attention
 from dsv3.cpu.decode import apply_cpu_inference
 from dsv3.cpu.experts import EXPERT_BACKENDS, ActiveExperts, PaddedExperts, padded_slots
+from dsv3.cpu.norm import TrainingRMSNorm
+from dsv3.model.layers import RMSNorm
 from dsv3.model.mla import MLA
 from dsv3.model.moe import GroupedExperts
 
@@ -41,10 +44,13 @@ def expert_backends(model: nn.Module) -> list[str]:
 
 
 def apply_cpu_training(model: nn.Module, expert_backend: str = "padded") -> nn.Module:
-    """CPU training speed paths: matmul/padded attention cores and the expert backend."""
+    """CPU training speed paths: matmul/padded attention cores, lean-backward RMSNorm, the expert
+    backend."""
     for m in model.modules():
         if isinstance(m, MLA):
             m.attention = cpu_attention
+        elif type(m) is RMSNorm:
+            m.__class__ = TrainingRMSNorm
     set_expert_backend(model, expert_backend)
     return model
 
@@ -53,6 +59,7 @@ __all__ = [
     "EXPERT_BACKENDS",
     "ActiveExperts",
     "PaddedExperts",
+    "TrainingRMSNorm",
     "apply_cpu_inference",
     "apply_cpu_training",
     "cpu_attention",
