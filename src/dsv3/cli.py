@@ -25,16 +25,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is not None and module.startswith(e.name):
-                continue  # that part of dsv3 is not built yet: the subcommand is not listed
-            raise
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+        if name == "plan":
+            _add_plan_pipeline(p)
     return parser
+
+
+def _add_plan_pipeline(plan: argparse.ArgumentParser) -> None:
+    """`dsv3 plan pipeline ARGS...`: the pipeline schedule simulator (dsv3.parallel.pipeline.cli). Its
+    arguments pass through untouched (a prefix char no argument starts with keeps argparse from reading
+    them as options of `plan`) and are parsed by the simulator's own parser."""
+    sub = plan.add_subparsers(dest="plan_command", metavar="{pipeline}")
+    p = sub.add_parser(
+        "pipeline",
+        help="simulate pipeline schedules (`dsv3 plan pipeline --help`)",
+        add_help=False,
+        prefix_chars="\x01",
+    )
+    p.add_argument("pipeline_args", nargs="*")
+
+    def run(args: argparse.Namespace) -> int:
+        from dsv3.parallel.pipeline import cli as pipeline_cli
+
+        parser = argparse.ArgumentParser(prog="dsv3 plan pipeline", description="simulate pipeline schedules")
+        pipeline_cli.add_arguments(parser)
+        return int(pipeline_cli.run(parser.parse_args(args.pipeline_args)) or 0)
+
+    p.set_defaults(_run=run)
 
 
 def main(argv: list[str] | None = None) -> int:

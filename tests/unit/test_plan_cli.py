@@ -2,8 +2,6 @@
 
 import argparse
 import json
-import sys
-import types
 
 import pytest
 
@@ -99,8 +97,9 @@ def test_negative_tokens_rejected_by_parser(capsys):
 
 
 def test_pipeline_subcommand_passes_arguments_through(monkeypatch, capsys):
+    from dsv3.parallel.pipeline import cli as pipeline_cli
+
     seen = {}
-    fake = types.ModuleType(plan_cli.PIPELINE_MODULE)
 
     def add_arguments(p):
         p.add_argument("--schedule")
@@ -111,7 +110,7 @@ def test_pipeline_subcommand_passes_arguments_through(monkeypatch, capsys):
         seen.update(vars(args))
         return 0
 
-    fake.add_arguments, fake.run = add_arguments, run
-    monkeypatch.setitem(sys.modules, plan_cli.PIPELINE_MODULE, fake)
+    monkeypatch.setattr(pipeline_cli, "add_arguments", add_arguments)
+    monkeypatch.setattr(pipeline_cli, "run", run)
     assert main(["plan", "pipeline", "--schedule", "dualpipe", "--pp", "8", "--microbatches", "20"]) == 0
     assert seen == {"schedule": "dualpipe", "pp": 8, "microbatches": 20}

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import re
@@ -20,7 +19,6 @@ from dsv3.plan.hardware import GBPS, GIB, HARDWARE, get_hardware
 from dsv3.plan.memory import SCHEDULES, Layout, Precision
 from dsv3.plan.report import PlanInputs, Throughput, build_plan, format_table
 
-PIPELINE_MODULE = "dsv3.parallel.pipeline.cli"
 SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
 
@@ -99,26 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--price", type=float, default=2.0, help="dollars per GPU hour")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    # `dsv3 plan pipeline ARGS...`: the schedule simulator lives in dsv3.parallel.pipeline.cli and is imported
-    # only when used. Its arguments are passed through untouched (a prefix char no argument starts with keeps
-    # argparse from reading them as options of `plan`) and parsed by that module's own parser in run().
-    sub = parser.add_subparsers(dest="plan_command", metavar="{pipeline}")
-    p = sub.add_parser(
-        "pipeline",
-        help="simulate pipeline schedules (`dsv3 plan pipeline --help`)",
-        add_help=False,
-        prefix_chars="\x01",
-    )
-    p.add_argument("pipeline_args", nargs="*")
-    p.set_defaults(_run=run_pipeline)
-
-
-def run_pipeline(args: argparse.Namespace) -> int:
-    """Import the pipeline simulator's CLI, parse the pass-through arguments with it and run it."""
-    mod = importlib.import_module(PIPELINE_MODULE)
-    parser = argparse.ArgumentParser(prog="dsv3 plan pipeline", description="simulate pipeline schedules")
-    mod.add_arguments(parser)
-    return int(mod.run(parser.parse_args(args.pipeline_args)) or 0)
+    # `dsv3 plan pipeline ARGS...`: the schedule simulator lives in dsv3.parallel.pipeline.cli (above plan in
+    # the layers); the top-level `dsv3` command attaches it as this subcommand (dsv3.cli).
 
 
 def load_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
@@ -217,8 +197,6 @@ def inputs_from_args(args: argparse.Namespace, config: ModelConfig) -> PlanInput
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "plan_command", None) == "pipeline":
-        return run_pipeline(args)
     config, name = load_config(args)
     plan = build_plan(config, name, inputs_from_args(args, config))
     print(json.dumps(plan, indent=2, default=_json_default) if args.json else format_table(plan))
