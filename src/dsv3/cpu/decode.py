@@ -154,11 +154,16 @@ class CachedMLA(MLA):
     """MLA for the engine: one down-projection product, absorbed weights and mask bias kept."""
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         a = self.gemv_a(x, self.wq_a, self.wkv_a) if self.q_lora_rank is not None else None
-        if a is None:
-            return super().forward(x, cos, sin, cache)
+        if a is None or mask is not None:
+            return super().forward(x, cos, sin, cache, mask)
         q_a, kv_a = a.split_with_sizes([self.q_lora_rank, a.shape[-1] - self.q_lora_rank], dim=-1)
         q_nope, q_pe = self.split_query(self.wq_b(self.q_norm(q_a)), cos, sin)
         c, pe = self.split_latent(kv_a, cos, sin)
@@ -171,9 +176,10 @@ class CachedMLA(MLA):
         c: torch.Tensor,
         pe: torch.Tensor,
         cache: LatentCache | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if cache is None or not cache.absorb:
-            return super().attend(q_nope, q_pe, c, pe, cache)
+            return super().attend(q_nope, q_pe, c, pe, cache, mask)
         c, pe = cache.update(self.layer_id, c, pe)
         bias = cache.score_bias(self.n_heads, q_pe.dtype)  # the engine's caches memoise it per forward
         return self.attend_absorbed(q_nope, q_pe, c, pe, None, bias)

@@ -2,7 +2,7 @@
 
 from dsv3.model.block import Block
 from dsv3.model.moe import Gate, GroupedExperts, MoE, RouterStats
-from dsv3.model.transformer import IGNORE_INDEX, LossOutput, ModelOutput, Transformer, lm_loss
+from dsv3.model.transformer import IGNORE_INDEX, LossOutput, ModelOutput, Transformer, lm_loss, sample_mask
 
 __all__ = [
     "IGNORE_INDEX",
@@ -15,4 +15,5 @@ __all__ = [
     "RouterStats",
     "Transformer",
     "lm_loss",
+    "sample_mask",
 ]

@@ -29,9 +29,14 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         if isinstance(self.ffn, MoE):
             y, stats = self.ffn(self.ffn_norm(x))
             return x + y, stats
@@ -44,12 +49,13 @@ def run_blocks(
     cos: torch.Tensor,
     sin: torch.Tensor,
     cache: LatentCache | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[RouterStats]]:
     """x through the blocks in order; the router statistics of the MoE ones, in order. The transformer
     runs all its layers with it, a pipeline stage its own."""
     stats: list[RouterStats] = []
     for block in blocks:
-        x, s = block(x, cos, sin, cache)
+        x, s = block(x, cos, sin, cache, mask)
         if s is not None:
             stats.append(s)
     return x, stats

@@ -146,11 +146,17 @@ class MLA(nn.Module):
         return self.kv_norm(c), pe
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """mask [B, S, S] (True = may attend) for packed sequences without a cache; None = causal."""
         q_nope, q_pe = self.query(x, cos, sin)
         c, pe = self.latent(x, cos, sin)
-        return self.wo(self.attend(q_nope, q_pe, c, pe, cache))
+        return self.wo(self.attend(q_nope, q_pe, c, pe, cache, mask))
 
     def attend(
         self,
@@ -159,10 +165,12 @@ class MLA(nn.Module):
         c: torch.Tensor,
         pe: torch.Tensor,
         cache: LatentCache | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Write the new latents to the cache (if any) and attend over all of it: [B, S, H*Dv]."""
+        """Write the new latents to the cache (if any) and attend over all of it: [B, S, H*Dv]. Without a
+        cache, `mask` (None = causal) says which positions attend to which."""
         if cache is None:
-            return self.attend_naive(q_nope, q_pe, c, pe, None)
+            return self.attend_naive(q_nope, q_pe, c, pe, mask)
         c, pe = cache.update(self.layer_id, c, pe)
         if not cache.absorb:
             return self.attend_naive(q_nope, q_pe, c, pe, cache.mask)

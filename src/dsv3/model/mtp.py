@@ -46,11 +46,12 @@ class MTPModule(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
         """h [B, S, D] previous depth's hidden, emb [B, S, D] embeddings of the shifted tokens.
 
         Returns the block output h^k (pre-norm; `logits` applies norm and head) and router stats."""
-        return self.block(self.combine(h, emb), cos, sin, cache)
+        return self.block(self.combine(h, emb), cos, sin, cache, mask)
 
     def logits(self, h: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """Head(norm_k(h^k)) with the main model's head."""
@@ -65,6 +66,7 @@ def mtp_forward(
     input_ids: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[RouterStats]]:
     """Every MTP depth over a training sequence: hidden [B, T, D] = h^0, input_ids [B, T].
 
@@ -75,7 +77,7 @@ def mtp_forward(
     h = hidden
     for k, module in enumerate(mtp, start=1):
         shifted = torch.roll(input_ids, shifts=-k, dims=1)
-        h, s = module(h, embed(shifted), cos, sin)
+        h, s = module(h, embed(shifted), cos, sin, None, mask)
         if s is not None:
             stats.append(s)
         logits.append(module.logits(h, head))

@@ -96,18 +96,21 @@ class Transformer(nn.Module):
         cache: LatentCache | None = None,
         with_mtp: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        segment_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] -> ModelOutput. positions [B, T] default 0..T-1. MTP runs without a cache.
 
         logits_to_keep (as in transformers): 0 = logits at every position; N > 0 = the last N positions;
         a 1-D index tensor = those positions (`.logits` is then [B, len, V]; `.hidden` stays whole).
-        Prefill needs the last prompt position only, and the head over every position is ~10% of it."""
+        Prefill needs the last prompt position only, and the head over every position is ~10% of it.
+        segment_ids [B, T]: packed samples (`sample_mask`), with positions restarting in each sample."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        x, stats = run_blocks(self.layers, x, cos, sin, cache)
+        mask = None if segment_ids is None else sample_mask(segment_ids)
+        x, stats = run_blocks(self.layers, x, cos, sin, cache, mask)
         hidden = self.norm(x)
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
@@ -116,7 +119,7 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=self.head(kept), hidden=hidden, router_stats=stats)
         if with_mtp if with_mtp is not None else (cache is None and len(self.mtp) > 0):
             out.mtp_logits, mtp_stats = mtp_forward(
-                self.mtp, self.embed, self.head, hidden, input_ids, cos, sin
+                self.mtp, self.embed, self.head, hidden, input_ids, cos, sin, mask
             )
             stats.extend(mtp_stats)
         return out
@@ -139,6 +142,14 @@ class Transformer(nn.Module):
     def num_params(self, exclude_mtp: bool = True) -> int:
         skip = {id(p) for p in self.mtp.parameters()} if exclude_mtp else set()
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def sample_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Sample masking for packed sequences: segment_ids [B, T] (one id per sample) -> [B, T, T] bool,
+    position i attends to j <= i of its own sample only (block-diagonal causal)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
 
 
 def lm_loss(
