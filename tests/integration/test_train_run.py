@@ -121,8 +121,8 @@ def test_nan_guard_skips_then_stops(corpus, tmp_path):
     real = trainer.loss_step.fn
     poison = {3}  # steps (0-based) whose loss is NaN
 
-    def loss_fn(x, y, w):
-        losses, counts = real(x, y, w)
+    def loss_fn(x, y, w, packing=()):
+        losses, counts = real(x, y, w, packing)
         if trainer.step in poison:
             losses.loss = losses.loss * float("nan")
         return losses, counts

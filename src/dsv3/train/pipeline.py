@@ -53,7 +53,14 @@ from dsv3.parallel.pipeline import (
 from dsv3.train.evaluate import eval_record, eval_windows
 from dsv3.train.optim import grad_norm
 from dsv3.train.plans import MakeOptimizer
-from dsv3.train.step import LossStep, apply_speed_paths, autocast_context, balance_alpha, new_model
+from dsv3.train.step import (
+    LossStep,
+    Packing,
+    apply_speed_paths,
+    autocast_context,
+    balance_alpha,
+    new_model,
+)
 
 
 def pipeline_schedule(parallel_cfg: ParallelConfig, ranks: int) -> Schedule:
@@ -120,9 +127,17 @@ class PipelinePlan:
 
     # ------------------------------------------------------------------ one step
     def forward_backward(
-        self, loss: LossStep, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, micro: int | None
+        self,
+        loss: LossStep,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mtp_weight: float,
+        micro: int | None,
+        packing: Packing = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """The schedule over the replica's rows (its micro-batches: rows / pp_microbatches each)."""
+        if packing:
+            raise ValueError("packed samples (SFT) do not run under pipeline parallelism (pp > 1) yet")
         mesh = self.mesh
         self._mtp_w = mtp_weight
         with autocast_context(loss.dtype, self.device):

@@ -30,7 +30,7 @@ from dsv3.parallel import DataParallel, Mesh, full_state_dict, parallelize
 from dsv3.parallel.data_parallel import ShardedOptimizer
 from dsv3.train.evaluate import evaluate
 from dsv3.train.optim import grad_norm
-from dsv3.train.step import LossStep, accumulate, apply_speed_paths, new_model
+from dsv3.train.step import LossStep, Packing, accumulate, apply_speed_paths, new_model
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -52,9 +52,16 @@ class ParallelPlan(Protocol):
     def build_optimizer(self, model: Transformer, make: MakeOptimizer) -> Any: ...
 
     def forward_backward(
-        self, loss: LossStep, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, micro: int | None
+        self,
+        loss: LossStep,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mtp_weight: float,
+        micro: int | None,
+        packing: Packing = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """([total, main, mtp, balance] global means, global per-layer expert loads, global grad norm)."""
+        """([total, main, mtp, balance] global means, global per-layer expert loads, global grad norm).
+        packing: (positions, segment_ids) of packed samples (SFT), or ()."""
         ...
 
     def evaluate(
@@ -96,9 +103,15 @@ class SinglePlan:
         return opt
 
     def forward_backward(
-        self, loss: LossStep, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, micro: int | None
+        self,
+        loss: LossStep,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mtp_weight: float,
+        micro: int | None,
+        packing: Packing = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        sums, counts = accumulate(loss, x, y, mtp_weight, micro)
+        sums, counts = accumulate(loss, x, y, mtp_weight, micro, packing)
         return sums, counts, grad_norm(self.params)
 
     def evaluate(
@@ -144,10 +157,16 @@ class ExpertDataPlan:
         return ShardedOptimizer(self.dp)
 
     def forward_backward(
-        self, loss: LossStep, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, micro: int | None
+        self,
+        loss: LossStep,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mtp_weight: float,
+        micro: int | None,
+        packing: Packing = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         assert self.dp is not None, "build_optimizer first"
-        sums, counts = accumulate(loss, x, y, mtp_weight, micro)
+        sums, counts = accumulate(loss, x, y, mtp_weight, micro, packing)
         t = sums.to(self.device, torch.float64, copy=True)  # NCCL reduces device tensors only
         dist.all_reduce(t, group=self.mesh.data_group)
         sums = (t / self.mesh.data_size).to("cpu", torch.float32)

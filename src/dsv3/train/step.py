@@ -23,7 +23,10 @@ from dsv3.cpu import apply_cpu_training, set_expert_backend
 from dsv3.model import Transformer, lm_loss
 from dsv3.train.regularize import add_residual_dropout
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[Any, list[torch.Tensor]]]
+LossFn = Callable[..., tuple[Any, list[torch.Tensor]]]  # (x, y, mtp_weight, packing) -> (losses, counts)
+
+# Packed samples (SFT): (positions [B, T] restarting per sample, segment_ids [B, T]), or () for plain rows.
+Packing = tuple[torch.Tensor, ...]
 
 
 def autocast_context(
@@ -83,37 +86,47 @@ class LossStep:
         self._compile_ok = False
         self.fn: LossFn = self.compiled if cfg.compile else self.eager
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float) -> tuple[Any, list[torch.Tensor]]:
-        return self.fn(x, y, mtp_weight)
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, packing: Packing = ()
+    ) -> tuple[Any, list[torch.Tensor]]:
+        return self.fn(x, y, mtp_weight, packing)
 
     def eager(
-        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float | torch.Tensor
+        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float | torch.Tensor, packing: Packing = ()
     ) -> tuple[Any, list[torch.Tensor]]:
+        positions, segment_ids = packing or (None, None)
         with autocast_context(self.dtype, self.device):
-            out = self.model(x)
+            out = self.model(x, positions=positions, segment_ids=segment_ids)
             losses = lm_loss(out, y, mtp_weight, self.alpha, self.balance_loss)
         return losses, [s.counts for s in out.router_stats]
 
-    def compiled(self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float) -> tuple[Any, list[torch.Tensor]]:
+    def compiled(
+        self, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, packing: Packing = ()
+    ) -> tuple[Any, list[torch.Tensor]]:
         """`eager` through torch.compile; the MTP weight goes in as a tensor so its switch does not
         recompile. Compilation happens inside the first calls: a failure there falls back to eager."""
         if self._compiled is None:
             self._compiled = torch.compile(self.eager)
         try:
-            out = self._compiled(x, y, torch.tensor(mtp_weight))
+            out = self._compiled(x, y, torch.tensor(mtp_weight), packing)
         except Exception as e:
             if self._compile_ok:
                 raise
             first = str(e).splitlines()[0][:120] if str(e) else ""
             self.log(f"warning: torch.compile failed ({type(e).__name__}: {first}); eager")
             self.fn = self.eager
-            return self.eager(x, y, mtp_weight)
+            return self.eager(x, y, mtp_weight, packing)
         self._compile_ok = True
         return out
 
 
 def accumulate(
-    loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, mtp_weight: float, micro: int | None
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mtp_weight: float,
+    micro: int | None,
+    packing: Packing = (),
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward and backward over micro-batches of `micro` rows (None: all at once), each loss scaled by
     its share of the batch: ([total, main, mtp, balance] loss sums, per-layer expert counts)."""
@@ -123,7 +136,7 @@ def accumulate(
     for i in range(0, x.shape[0], micro):
         xb, yb = x[i : i + micro], y[i : i + micro]
         frac = xb.shape[0] / x.shape[0]
-        losses, layer_counts = loss_fn(xb, yb, mtp_weight)
+        losses, layer_counts = loss_fn(xb, yb, mtp_weight, tuple(t[i : i + micro] for t in packing))
         (losses.loss * frac).backward()
         parts = [losses.loss.detach(), losses.main_loss, losses.mtp_loss, losses.balance_loss]
         sums += torch.stack([p.float().cpu() for p in parts]) * frac

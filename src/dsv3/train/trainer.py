@@ -138,10 +138,14 @@ class Trainer:
         c, step, plan = self.cfg, self.step, self.plan
         t0 = time.perf_counter()
         b = batch_size_at(c, step, multiple=plan.batch_multiple)
-        x, y = self.data.train.next_batch(b, plan.data_rank, plan.data_size)
-        x, y = x.to(self.device), y.to(self.device)
+        # plain rows (x, y) or packed samples (x, y, positions, segment_ids)
+        x, y, *packing = (
+            t.to(self.device) for t in self.data.train.next_batch(b, plan.data_rank, plan.data_size)
+        )
         mtp_w = mtp_weight_at(c, step)
-        sums, counts, norm = plan.forward_backward(self.loss_step, x, y, mtp_w, c.micro_batch_size)
+        sums, counts, norm = plan.forward_backward(
+            self.loss_step, x, y, mtp_w, c.micro_batch_size, tuple(packing)
+        )
         return self._apply_step(t0, b, mtp_w, sums, counts, norm)
 
     def _apply_step(
