@@ -470,6 +470,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss computation
     # routed-expert execution (dsv3.cpu.EXPERT_BACKENDS): "auto" = "padded" on CPU, else "grouped_mm"
     expert_backend: str = "auto"
+    # a model or run directory whose weights the run starts from (SFT, continued pre-training)
+    init_from: str | None = None
     sample_tokens: int = 200
     sample_temperature: float = 0.8
     # how the run is spread over ranks (`key=value` reaches these fields directly: ep=2, pp=2, fp8=true)

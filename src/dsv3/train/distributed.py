@@ -27,7 +27,7 @@ from dsv3.parallel.launch import shutdown_distributed, spawn_call
 from dsv3.train.checkpoint import Checkpointer
 from dsv3.train.pipeline import PipelinePlan, pipeline_schedule
 from dsv3.train.plans import ExpertDataPlan, ParallelPlan, SinglePlan
-from dsv3.train.setup import load_train_data, prepare_run_dir
+from dsv3.train.setup import TrainData, load_train_data, prepare_run_dir
 from dsv3.train.trainer import Trainer
 
 
@@ -87,6 +87,7 @@ def make_trainer(
     overwrite: bool = False,
     progress: bool = True,
     plan: ParallelPlan | None = None,
+    train_data: TrainData | None = None,
 ) -> Trainer:
     """A trainer for this process (collective under several ranks): the run directory checked, the data
     and tokenizer loaded, RUN_DIR/train_config.json written, the newest good checkpoint loaded on resume."""
@@ -99,9 +100,10 @@ def make_trainer(
             print(msg, flush=True)
 
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, is_main=plan.is_main, barrier=plan.barrier)
-    train_data = load_train_data(
-        run_dir, data, model_cfg, train_cfg, is_main=plan.is_main, barrier=plan.barrier, log=log
-    )
+    if train_data is None:  # pre-training text (SFT passes its packed samples)
+        train_data = load_train_data(
+            run_dir, data, model_cfg, train_cfg, is_main=plan.is_main, barrier=plan.barrier, log=log
+        )
     checkpointer = Checkpointer(run_dir / "checkpoints", train_cfg.keep_checkpoints, plan.mesh, warn=log)
     trainer = Trainer(
         model_cfg,

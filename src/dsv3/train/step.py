@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsv3.checkpoint import from_pretrained
 from dsv3.config import ModelConfig, TrainConfig
 from dsv3.cpu import apply_cpu_training, set_expert_backend
 from dsv3.model import Transformer, lm_loss
@@ -48,6 +49,8 @@ def new_model(model_config: ModelConfig, cfg: TrainConfig, device: torch.device)
     (every rank builds the same one; parallelism is applied to it afterwards)."""
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config)
+    if cfg.init_from is not None:  # start from trained weights (they must fit this config)
+        model.load_state_dict(from_pretrained(cfg.init_from, dtype=torch.float32).state_dict())
     add_residual_dropout(model, cfg.dropout)
     return model.to(device).train()
 
