@@ -3,11 +3,13 @@ tokenizer.json loads in transformers with the same ids."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv3.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, MIN_VOCAB, SPECIAL_TOKENS, Tokenizer
+from dsv3.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, MIN_VOCAB, PAD, SPECIAL_TOKENS, Tokenizer
 from dsv3.train.data import bundled_corpus_path
 
 
@@ -77,4 +79,95 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train(["abc"], MIN_VOCAB - 1)
     with pytest.raises(ValueError, match="no tokenizer.json"):
+        Tokenizer.from_file(tmp_path)
+
+
+def test_deepseek_specials_reserved_and_never_merged():
+    from dsv3.chat import CHAT_TOKENS
+
+    # a corpus full of the specials' text: merges must still never produce one
+    text = bundled_corpus_path().read_text()[:20_000] + " <think> </think> <｜User｜> <｜Assistant｜>" * 300
+    t = Tokenizer.train([text], 400)
+    assert SPECIAL_TOKENS[:3] == (BOS, EOS, PAD)
+    assert (BOS, EOS, PAD) == ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")
+    assert set(CHAT_TOKENS) <= set(SPECIAL_TOKENS)
+    special_ids = {t.token_id(s) for s in SPECIAL_TOKENS}
+    assert special_ids == set(range(len(SPECIAL_TOKENS)))
+    for s in SPECIAL_TOKENS:
+        ids = t.encode(s)
+        assert len(ids) > 1 and not special_ids & set(ids)
+        assert t.decode(ids) == s
+        assert t.encode_with_offsets(f"a{s}b")[0][1] == t.token_id(s)
+
+
+def _legacy_tokenizer(directory, with_config: bool) -> None:
+    """A tokenizer directory as dsv3 wrote it before the DeepSeek-V3 tokens (`<|begin_of_text|>`...)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from dsv3.tokenizer import LEGACY_SPECIAL_TOKENS
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=list(LEGACY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator([bundled_corpus_path().read_text()[:20_000]], trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save(str(directory / "tokenizer.json"))
+    if with_config:
+        bos, eos, pad, *fim = LEGACY_SPECIAL_TOKENS
+        cfg = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "additional_special_tokens": fim}
+        (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "X", **cfg}))
+        (directory / "special_tokens_map.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_legacy_run_directories_still_load(tmp_path, with_config):
+    _legacy_tokenizer(tmp_path / "run" / "model", with_config)
+    old = Tokenizer.from_file(tmp_path / "run")  # a run dir: RUN/model/tokenizer.json
+    assert (old.bos_token, old.eos_token, old.pad_token) == (
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|pad|>",
+    )
+    assert (old.bos_id, old.eos_id, old.pad_id, old.fim_ids) == (0, 1, 2, (3, 4, 5))
+    assert old.decode(old.encode("to be or not")) == "to be or not"
+    assert old.token_byte_lengths[old.bos_id] == 0
+    # a re-export keeps its tokens and now carries the chat template
+    old.save(tmp_path / "export")
+    again = Tokenizer.from_file(tmp_path / "export")
+    assert (again.bos_id, again.eos_id, again.fim_ids) == (0, 1, (3, 4, 5))
+    assert "chat_template" in json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+
+
+def test_any_fast_tokenizer_with_its_own_specials(tok, tmp_path):
+    """Special tokens come from the directory's files, not from names hard-coded in dsv3; FIM is optional."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(["<s>", "</s>", "<unk>", "a", "b", "ab"])}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<s>", "</s>", "<unk>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"})
+    )
+    template = "{{ messages[0]['content'] }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    t = Tokenizer.from_file(tmp_path)
+    assert (t.bos_id, t.eos_id, t.pad_id) == (0, 1, None)
+    assert t.chat_template == template
+    assert t.encode("ab") == [5]
+    with pytest.raises(ValueError, match="fill-in-the-middle"):
+        _ = t.fim_ids
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}")  # transformers 5 writes this file
+    assert Tokenizer.from_file(tmp_path).chat_template == "{{ bos_token }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
+    with pytest.raises(ValueError, match="bos_token '<nope>' is not in the tokenizer's vocabulary"):
         Tokenizer.from_file(tmp_path)
