@@ -477,8 +477,9 @@ class TrainConfig:
     # how the run is spread over ranks (`key=value` reaches these fields directly: ep=2, pp=2, fp8=true)
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp=None))
 
-    def validate(self) -> TrainConfig:
-        """Raise ValueError naming the field; return self."""
+    def validate(self, model_config: ModelConfig | None = None) -> TrainConfig:
+        """Raise ValueError naming the field; return self. With the model's config, also what the model
+        cannot do (a sequence longer than its positions)."""
         for name in ("seq_len", "batch_size", "steps", "log_every", "keep_checkpoints", "max_bad_steps"):
             v = getattr(self, name)
             ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -542,6 +543,14 @@ class TrainConfig:
                 self.micro_batch_size is None,
                 "micro_batch_size",
                 "the pipeline sets it (batch / pp_microbatches)",
+            )
+        if model_config is not None:
+            limit = model_config.max_position_embeddings
+            _check(
+                self.seq_len <= limit,
+                "seq_len",
+                f"{self.seq_len} is longer than the model's max_position_embeddings={limit}; to train "
+                f"longer sequences raise max_position_embeddings (with rope_scaling for YaRN) explicitly",
             )
         return self
 

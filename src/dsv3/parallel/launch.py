@@ -7,6 +7,16 @@
   environment torchrun would give them. A watchdog polls the children; when one exits with an error, the
   others get `grace_s` seconds to fail on their own (their collectives error out), then are terminated,
   and the error names the rank that failed first.
+- Process lifecycle. SIGTERM/SIGINT to the launcher is forwarded to every rank (a trainer then writes a
+  checkpoint at the next step boundary and exits with `PREEMPTED_EXIT_CODE`, 128 + SIGTERM, the code
+  schedulers and torchelastic read as "stopped by a signal"); ranks left running after `term_grace_s`
+  are killed, and a second signal kills them at once. Ranks die with their launcher: each gets SIGTERM
+  when the launcher dies (Linux parent-death signal), and `RankWatchdog` in each rank also notices being
+  re-parented (any OS, and under torchrun).
+- Frozen ranks. `RankWatchdog` publishes a heartbeat counter per rank in the rendezvous store (its own
+  client connection, from a thread, so a rank busy in a long step still beats) and watches the next rank
+  in a ring; a peer whose counter has not moved for `timeout_s` (SIGSTOP, a wedged driver) ends the job
+  with an error naming it, long before the collective timeout would, under `--nproc` and torchrun alike.
 - `run_local(fn, nproc)` runs fn(rank, world_size, *args) in N fresh processes over gloo on 127.0.0.1
   and returns their return values (tests and benchmarks), with an overall deadline.
 """
@@ -14,6 +24,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import os
 import signal
@@ -21,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +42,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)  # 143: stopped by a signal, state saved; restart to resume
+UNRESPONSIVE_EXIT_CODE = 3  # a rank found a peer frozen (no heartbeat within the timeout)
 
 
 @dataclass
@@ -115,57 +131,223 @@ def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A Popen preexec_fn: SIGTERM this child when its parent dies (Linux PR_SET_PDEATHSIG); exit at once
+    if the parent is already gone."""
+
+    def setup() -> None:
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(PREEMPTED_EXIT_CODE)
+
+    return setup
+
+
+class _Signals:
+    """SIGTERM/SIGINT received by the launcher (main thread only), forwarded to the ranks as they come."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs, self.received = procs, []
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, sig: int, _frame: object) -> None:
+        self.received.append(sig)
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(OSError):
+                    p.send_signal(signal.SIGKILL if len(self.received) > 1 else sig)
+
+
 def spawn(
     cmd: Sequence[str],
     nproc: int,
     *,
     extra_env: dict[str, str] | None = None,
     grace_s: float = 10.0,
+    term_grace_s: float = 120.0,
     poll_s: float = 0.1,
     log: Callable[[str], None] | None = None,
 ) -> int:
-    """Run `cmd` as nproc local ranks (torchrun's environment); return 0, or the first failure's code."""
+    """Run `cmd` as nproc local ranks (torchrun's environment); return 0, or the first failure's code.
+
+    A SIGTERM/SIGINT to this process is forwarded to the ranks, which get `term_grace_s` seconds to stop
+    on their own (a trainer checkpoints first); the return value is then 128 + the signal."""
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     port = free_port()
     procs: list[subprocess.Popen] = []
     base = {**os.environ, **(extra_env or {})}
-    for r in range(nproc):
-        env = {
-            **base,
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        procs.append(subprocess.Popen(list(cmd), env=env))
-    failed: tuple[int, int] | None = None
-    deadline = float("inf")
-    try:
+    with _Signals(procs) as signals:
+        for r in range(nproc):
+            env = {
+                **base,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+            # own process group: a terminal's Ctrl-C reaches the launcher only, which forwards it once
+            procs.append(
+                subprocess.Popen(
+                    list(cmd), env=env, process_group=0, preexec_fn=_die_with_parent(os.getpid())
+                )
+            )
+        failed: tuple[int, int] | None = None
+        deadline = float("inf")
         while True:
             codes = [p.poll() for p in procs]
+            if signals.received and deadline == float("inf"):
+                deadline = time.monotonic() + term_grace_s
+                sig = signals.received[0]
+                log(f"dsv3: signal {sig} received; stopping the ranks (they checkpoint first)")
             for r, c in enumerate(codes):
-                if c not in (None, 0) and failed is None:
+                if c not in (None, 0) and failed is None and not signals.received:
                     failed = (r, c)
-                    deadline = time.monotonic() + grace_s
+                    # a frozen peer will not fail on its own: no grace then
+                    deadline = time.monotonic() + (0.0 if c == UNRESPONSIVE_EXIT_CODE else grace_s)
                     log(f"dsv3: rank {r} exited with code {c}; stopping the other ranks")
             if all(c is not None for c in codes):
                 break
             if time.monotonic() > deadline:
-                _stop(procs, grace_s=5.0)
+                _stop(procs, grace_s=1.0 if failed and failed[1] == UNRESPONSIVE_EXIT_CODE else 5.0)
                 break
             time.sleep(poll_s)
-    except KeyboardInterrupt:
-        _stop(procs, grace_s=5.0)
-        raise
+    if signals.received:
+        return 128 + signals.received[0]
     if failed is not None:
         log(f"dsv3: distributed run failed: rank {failed[0]} exited first with code {failed[1]}")
         return failed[1] if failed[1] > 0 else 1
     return 0
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` (or `install()` ... `restore()`) records the first SIGTERM/SIGINT
+    instead of dying (main thread only), so a loop can stop at its next boundary; a second signal gets the
+    old behaviour (SIGTERM kills, Ctrl-C raises KeyboardInterrupt). `stop.agreed(device)`: whether any
+    rank got one (collective)."""
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __enter__(self) -> StopSignals:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def _handle(self, sig: int, _frame: object) -> None:
+        self.received = sig
+        self.restore()
+
+    def agreed(self, device: str | torch.device = "cpu") -> int | None:
+        """The signal if this rank or any other received one, else None; every rank must call it at the
+        same point (one scalar all-reduce when a process group is up)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received
+        t = torch.tensor([float(self.received or 0)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item()) or None
+
+
+class RankWatchdog:
+    """A rank's lifecycle thread (see the module docstring): heartbeat in the rendezvous store, the next
+    rank's heartbeat watched, the launcher's death noticed. `stop()` marks this rank done (a finished rank
+    is not a frozen one)."""
+
+    def __init__(self, env: DistEnv, timeout_s: float = 30.0, interval_s: float = 1.0):
+        if timeout_s <= 0:
+            raise ValueError(f"rank timeout must be > 0 seconds, got {timeout_s}")
+        self.env, self.timeout_s, self.interval_s = env, timeout_s, interval_s
+        self.parent = os.getppid()
+        self._stop = threading.Event()
+        self._store: dist.TCPStore | None = None
+        self._thread = threading.Thread(target=self._run, name="dsv3-rank-watchdog", daemon=True)
+
+    def start(self) -> RankWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._store is not None:
+            with contextlib.suppress(Exception):  # the store host may be gone already
+                self._store.set(self._key(self.env.rank), "done")
+
+    @staticmethod
+    def _key(rank: int) -> str:
+        return f"dsv3/heartbeat/{rank}"
+
+    def _fail(self, msg: str) -> None:
+        print(f"dsv3 (rank {self.env.rank}): {msg}; stopping the run", file=sys.stderr, flush=True)
+        os._exit(UNRESPONSIVE_EXIT_CODE)
+
+    def _run(self) -> None:
+        e = self.env
+        peer = (e.rank + 1) % e.world_size
+        seen: tuple[str | None, float] = (None, time.monotonic())
+        store_ok = time.monotonic()
+        beat = 0
+        while not self._stop.wait(self.interval_s if beat else 0.0):
+            if os.getppid() != self.parent:  # the launcher died: stop as if it had sent SIGTERM
+                os.kill(os.getpid(), signal.SIGTERM)
+                self.parent = os.getppid()
+            now = time.monotonic()
+            try:
+                if self._store is None:
+                    wait = datetime.timedelta(seconds=max(1.0, self.timeout_s / 2))
+                    self._store = dist.TCPStore(e.master_addr, e.master_port, is_master=False, timeout=wait)
+                beat += 1
+                self._store.set(self._key(e.rank), str(beat))
+                key = self._key(peer)
+                value = self._store.get(key).decode() if self._store.check([key]) else None
+                store_ok = now
+            except Exception as err:  # noqa: BLE001 - any store failure counts as silence
+                if self._stop.is_set():
+                    return
+                if now - store_ok > self.timeout_s:
+                    self._fail(
+                        f"the rendezvous store at {e.master_addr}:{e.master_port} has not answered for "
+                        f"{now - store_ok:.0f}s (rank 0 or the launcher frozen or gone: {err})"
+                    )
+                continue
+            if value == "done" or peer == e.rank:
+                continue
+            if value != seen[0]:
+                seen = (value, now)
+            elif now - seen[1] > self.timeout_s:
+                self._fail(f"rank {peer} has not responded for {now - seen[1]:.0f}s (frozen or stopped)")
 
 
 # --------------------------------------------------------------------------- in-process workers (tests)

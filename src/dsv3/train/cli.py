@@ -1,7 +1,11 @@
 """`dsv3 train` (and `python -m dsv3.train`): train a preset on a corpus, resumably.
 
     dsv3 train --preset tiny [--data PATH] [--out RUN_DIR] [--steps N] [--stop-at K] [--resume]
-               [--overwrite] [--fp8] [key=value ...]
+               [--overwrite] [--fp8] [--nproc N] [--rank-timeout S] [key=value ...]
+
+Options and `key=value` settings may come in any order (`--nproc 2 ep=2 --steps 400 ckpt_every=0`).
+SIGTERM or Ctrl-C stops the run after the step in progress with a checkpoint (on every rank; `--nproc`
+forwards it), exit code 143 (dsv3.parallel.launch.PREEMPTED_EXIT_CODE); `--resume` continues it.
 
 `key=value` sets a train field (see dsv3.config.TrainConfig), a model field (ModelConfig) or a field of the
 parallel layout (ParallelConfig: ep, dp, pp, pp_schedule, fp8, ...); `model.key`, `train.key` or
@@ -51,7 +55,7 @@ def apply_overrides(
     try:
         model = dataclasses.replace(model, **kw["model"]).validate()
         parallel = dataclasses.replace(train.parallel, **kw["parallel"])
-        train = dataclasses.replace(train, **kw["train"], parallel=parallel).validate()
+        train = dataclasses.replace(train, **kw["train"], parallel=parallel).validate(model)
     except TypeError as e:  # a value of the wrong type that validate() trips over
         raise ValueError(f"invalid override: {e}") from None
     return model, train
@@ -69,6 +73,32 @@ def build_configs(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_options(parser)
+    # REMAINDER: settings may be followed by more options; `split_overrides` sorts them out
+    parser.add_argument(
+        "overrides", nargs=argparse.REMAINDER, metavar="key=value", help="model or train setting overrides"
+    )
+
+
+def split_overrides(args: argparse.Namespace) -> argparse.Namespace:
+    """Options that came after the first `key=value` (argparse stops at it) parsed into `args`; what is
+    left must be `key=value` settings. ValueError for anything else."""
+    if not any(a.startswith("-") for a in args.overrides):
+        return args
+    parser = argparse.ArgumentParser(prog="dsv3 train", add_help=False, exit_on_error=False)
+    _add_options(parser)
+    try:
+        _, rest = parser.parse_known_args(args.overrides, namespace=args)
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
+    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    if bad:
+        raise ValueError(f"unrecognized arguments: {' '.join(bad)} (options are --name, settings key=value)")
+    args.overrides = rest
+    return args
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model/train preset (default: tiny)")
     parser.add_argument(
         "--data",
@@ -95,13 +125,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local ranks for expert/data/pipeline parallelism (gloo/NCCL; layout from pp/dp/ep/nodes); "
         "leave out under torchrun",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="model or train setting overrides")
+    parser.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a heartbeat after which a rank counts as frozen and the job stops, naming "
+        "it (default 30)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3.parallel.launch import PREEMPTED_EXIT_CODE
     from dsv3.train.distributed import make_trainer, maybe_spawn, with_fp8
     from dsv3.train.trainer import TrainingDiverged
 
+    args = split_overrides(args)
+    if not args.rank_timeout > 0:
+        raise ValueError(f"--rank-timeout must be > 0 seconds, got {args.rank_timeout}")
     if args.steps is not None and args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
@@ -119,12 +159,15 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        rank_timeout_s=args.rank_timeout,
     )
     try:
         summary = trainer.fit(stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"dsv3 train: {e}", file=sys.stderr)
         return 1
+    if summary.get("preempted"):
+        return PREEMPTED_EXIT_CODE
     if summary["step"] >= train_cfg.steps and not args.no_sample and train_cfg.sample_tokens:
         text = trainer.sample("\n")  # every rank: expert-parallel forwards need them all
         if trainer.plan.is_main:

@@ -4,8 +4,10 @@
   for N ranks, then starts N local ranks (dsv3.parallel.launch: torchrun's environment, a watchdog that
   stops the survivors when one rank fails) which each run the same `dsv3 train` arguments.
 - `make_plan`: under torchrun (or as such a rank) it initialises the process group (gloo on CPU, NCCL on
-  GPU, with a timeout), builds the mesh from `TrainConfig.parallel` and returns an `ExpertDataPlan`
-  (pp = 1) or a `PipelinePlan`; in a plain process, a `SinglePlan`.
+  GPU, with a timeout), starts the rank's watchdog (heartbeat: a frozen peer ends the job within
+  `rank_timeout_s`, naming it; the launcher's death stops this rank), builds the mesh from
+  `TrainConfig.parallel` and returns an `ExpertDataPlan` (pp = 1) or a `PipelinePlan`; in a plain
+  process, a `SinglePlan`.
 - `make_trainer`: plan, run directory, data, checkpointer and `Trainer`, resumed when asked.
 """
 
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from dsv3 import io as dio
 from dsv3.config import ModelConfig, ParallelConfig, TrainConfig
 from dsv3.parallel import Mesh, build_mesh, env_from_environ, init_distributed
-from dsv3.parallel.launch import shutdown_distributed, spawn_call
+from dsv3.parallel.launch import RankWatchdog, shutdown_distributed, spawn_call
 from dsv3.train.checkpoint import Checkpointer
 from dsv3.train.pipeline import PipelinePlan, pipeline_schedule
 from dsv3.train.plans import ExpertDataPlan, ParallelPlan, SinglePlan
@@ -63,15 +65,19 @@ def maybe_spawn(args: argparse.Namespace, model_cfg: ModelConfig, train_cfg: Tra
     return spawn_call("dsv3.train.cli:run", payload, nproc)
 
 
-def make_plan(train_cfg: TrainConfig, model_cfg: ModelConfig) -> ParallelPlan:
-    """The plan of this process: from the torchrun environment if there is one, else a single process."""
+def make_plan(train_cfg: TrainConfig, model_cfg: ModelConfig, rank_timeout_s: float = 30.0) -> ParallelPlan:
+    """The plan of this process: from the torchrun environment if there is one, else a single process.
+    rank_timeout_s: a peer rank silent that long (frozen, stopped) ends the job with an error naming it."""
     env = env_from_environ()
     world = 1 if env is None else env.world_size
     pc = check_layout(train_cfg, world, model_cfg)
     if world == 1:
         return SinglePlan(Mesh.single(pc))
+    if rank_timeout_s <= 0:
+        raise ValueError(f"--rank-timeout must be > 0 seconds, got {rank_timeout_s}")
     if init_distributed(timeout_s=pc.timeout_s, backend=pc.backend) is not None:
         atexit.register(shutdown_distributed)  # torchrun ranks: leave the process group cleanly at exit
+        atexit.register(RankWatchdog(env, timeout_s=rank_timeout_s).start().stop)  # runs first (LIFO)
     device = f"cuda:{env.local_rank}" if dist.get_backend() == "nccl" else "cpu"
     mesh = build_mesh(pc)
     return PipelinePlan(mesh, device) if pc.pp > 1 else ExpertDataPlan(mesh, device)
@@ -88,11 +94,13 @@ def make_trainer(
     progress: bool = True,
     plan: ParallelPlan | None = None,
     train_data: TrainData | None = None,
+    rank_timeout_s: float = 30.0,
 ) -> Trainer:
     """A trainer for this process (collective under several ranks): the run directory checked, the data
     and tokenizer loaded, RUN_DIR/train_config.json written, the newest good checkpoint loaded on resume."""
-    model_cfg, train_cfg = model_cfg.validate(), train_cfg.validate()
-    plan = plan or make_plan(train_cfg, model_cfg)
+    model_cfg = model_cfg.validate()
+    train_cfg = train_cfg.validate(model_cfg)  # seq_len within the model's positions
+    plan = plan or make_plan(train_cfg, model_cfg, rank_timeout_s)
     run_dir = Path(run_dir)
 
     def log(msg: str) -> None:

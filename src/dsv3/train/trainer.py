@@ -35,6 +35,7 @@ from dsv3.checkpoint import save_pretrained
 from dsv3.config import ModelConfig, TrainConfig
 from dsv3.cpu import expert_backends
 from dsv3.io import torch_dtype
+from dsv3.parallel.launch import StopSignals
 from dsv3.train.balance import balance_biases, max_violation, update_balance_bias
 from dsv3.train.checkpoint import Checkpointer
 from dsv3.train.data import bigram_bpb
@@ -85,7 +86,7 @@ class Trainer:
         progress: bool = True,
     ):
         self.model_config = model_config.validate()
-        self.cfg = train_config.validate()
+        self.cfg = train_config.validate(self.model_config)
         self.run_dir = Path(run_dir)
         self.plan, self.data, self.checkpointer = plan, data, checkpointer
         self.device = plan.device
@@ -264,7 +265,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to cfg.steps (or stop after step `stop_at` with a checkpoint, as a preemption would)."""
+        """Train to cfg.steps (or stop after step `stop_at` with a checkpoint, as a preemption would).
+
+        A SIGTERM/SIGINT (on any rank) during the loop stops every rank after the step in progress, with a
+        checkpoint: the summary then holds `preempted` = the signal (a second signal acts at once)."""
         c = self.cfg
         if stop_at is not None and not 0 < stop_at <= c.steps:
             raise ValueError(f"--stop-at must be in [1, steps={c.steps}], got {stop_at}")
@@ -280,6 +284,8 @@ class Trainer:
         train_time, ema = 0.0, None
         self._bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                          disable=not self.progress, file=sys.stderr)  # fmt: skip
+        signum: int | None = None
+        stop = StopSignals().install()
         try:
             while self.step < end:
                 rec = self.train_step()
@@ -312,11 +318,25 @@ class Trainer:
                 periodic = c.ckpt_every and self.step % c.ckpt_every == 0 and not self.bad_in_row
                 if periodic or self.step == end:  # no periodic save inside a non-finite streak
                     self.save_checkpoint()
+                # SIGTERM/SIGINT on any rank: every rank stops after this step, with a checkpoint
+                signum = stop.agreed(self.device) if self.step < end else None
+                if signum is not None:
+                    if not periodic:
+                        self.save_checkpoint()
+                    break
         finally:
+            stop.restore()
             self._bar.close()
             self._bar = None
         summary: dict[str, Any] = {"step": self.step, "steps": c.steps, "tokens": self.tokens}
         summary["train_tokens_per_s"] = self.tokens / train_time if train_time else None
+        if signum is not None:
+            summary["preempted"] = signum
+            self.log(
+                f"stopped by signal {signum} after step {self.step} of {c.steps} (checkpoint saved); "
+                "continue with --resume"
+            )
+            return summary
         if self.step < c.steps:
             self.log(
                 f"stopped after step {self.step} of {c.steps} (checkpoint saved); continue with --resume"
