@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("dsv3.checkpoint.cli", "convert checkpoints (HF <-> native, BF16 <-> FP8)"),
     "plan": ("dsv3.plan.cli", "analytic cost model; `dsv3 plan pipeline` simulates pipeline schedules"),
     "plot": ("dsv3.train.plot", "plot a run's loss curves and expert-load heatmap"),
+    "eval": ("dsv3.tasks.evaluate", "greedy pass@1 and sampled pass@k on a task's held-out split"),
+    "distill": ("dsv3.tasks.distill", "distillation data by rejection sampling from a teacher"),
 }
 
 
