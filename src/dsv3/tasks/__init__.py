@@ -11,8 +11,15 @@ and rewards, SFT records, and the `dsv3 eval` / `dsv3 distill` drivers over dsv3
 from dsv3.tasks.add import AddTask
 from dsv3.tasks.base import Problem, Task, format_response, split_response
 from dsv3.tasks.countdown import CountdownTask, Equation, parse_equation, solve
-from dsv3.tasks.distill import DistillConfig, DistillResult, acceptor, distill, load_prompts, write_jsonl
-from dsv3.tasks.evaluate import EvalConfig, evaluate, pass_at_k
+from dsv3.tasks.distill import (
+    DistillConfig,
+    DistillResult,
+    acceptor,
+    load_prompts,
+    rejection_sample,
+    write_jsonl,
+)
+from dsv3.tasks.evaluate import EvalConfig, evaluate_task, pass_at_k
 from dsv3.tasks.registry import TaskRegistry, get_task, load_function, load_reward
 
 __all__ = [
@@ -26,8 +33,7 @@ __all__ = [
     "Task",
     "TaskRegistry",
     "acceptor",
-    "distill",
-    "evaluate",
+    "evaluate_task",
     "format_response",
     "get_task",
     "load_function",
@@ -35,6 +41,7 @@ __all__ = [
     "load_reward",
     "parse_equation",
     "pass_at_k",
+    "rejection_sample",
     "solve",
     "split_response",
     "write_jsonl",

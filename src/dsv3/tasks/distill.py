@@ -36,7 +36,8 @@ Accept = Callable[[Problem, str], bool]
 
 @dataclass
 class DistillConfig:
-    """samples: K per prompt; require_think: also reject responses without a closed think block."""
+    """samples: K per prompt; require_think: also reject responses without reasoning (no think block, or
+    an empty one)."""
 
     samples: int = 4
     temperature: float = 0.7
@@ -94,7 +95,7 @@ def acceptor(task: Task | None = None, reward: RewardFn | None = None, threshold
     return task.verify
 
 
-def distill(
+def rejection_sample(
     llm: Generator, problems: list[Problem], accept: Accept, config: DistillConfig | None = None
 ) -> DistillResult:
     """K samples per problem through the engine (one batched run); the accepted ones as messages records."""
@@ -104,7 +105,7 @@ def distill(
     records = []
     for problem, samples in zip(problems, results):
         for s in samples:
-            if cfg.require_think and _reasoning(s.text) is None:
+            if cfg.require_think and not _reasoning(s.text):
                 continue
             if accept(problem, s.text):
                 msgs = [*user_messages(problem), {"role": "assistant", "content": s.text.strip()}]
@@ -167,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=100, help="prompts (task: from its training split)")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (and the task's stream)")
-    parser.add_argument("--require-think", action="store_true", help="reject responses without <think>")
+    parser.add_argument("--require-think", action="store_true", help="reject responses without reasoning")
     parser.add_argument("--out", required=True, help="output JSONL (written atomically)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(
         args.teacher, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len
     )
-    result = distill(llm, problems, acceptor(task, reward, args.threshold), cfg)
+    result = rejection_sample(llm, problems, acceptor(task, reward, args.threshold), cfg)
     write_jsonl(args.out, result.records)
     print(json.dumps({**result.summary(), "out": str(args.out)}), flush=True)
     return 0

@@ -58,7 +58,7 @@ class EvalConfig:
         return self
 
 
-def evaluate(llm: Generator, task: Task, config: EvalConfig | None = None) -> dict[str, Any]:
+def evaluate_task(llm: Generator, task: Task, config: EvalConfig | None = None) -> dict[str, Any]:
     """Score `llm` on the first `limit` problems of the task's held-out split; the metrics dict."""
     cfg = (config or EvalConfig()).validate()
     problems = task.split("test", cfg.limit)
@@ -125,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(
         args.checkpoint, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len
     )
-    metrics = evaluate(llm, task, cfg)
+    metrics = evaluate_task(llm, task, cfg)
     print(json.dumps({"checkpoint": str(args.checkpoint), "task_spec": args.task, **metrics}), flush=True)
     return 0
