@@ -68,6 +68,7 @@ class StubLLM:
 
     def __init__(self, tokenizer, n_correct, think=True):
         self.tokenizer, self.n_correct, self.think, self.requests = tokenizer, n_correct, think, []
+        self.bare = False  # answer with the bare sum (a model tuned without reasoning)
 
     def generate(self, prompts, params):
         outs, count = [], {}
@@ -77,7 +78,9 @@ class StubLLM:
             j = count.get((a, b), 0) if p.temperature > 0 else -1
             if p.temperature > 0:
                 count[(a, b)] = j + 1
-            if j < self.n_correct(a, b):
+            if self.bare:
+                text = f"{a + b}"
+            elif j < self.n_correct(a, b):
                 text = f"{a}+{b}\n</think>\n{a + b}" if self.think else f"</think>\n{a + b}"
             elif j % 2:
                 text = f"guess\n</think>\n{a + b + 1}"
@@ -120,6 +123,19 @@ def test_prompts_are_chat_rendered(tokenizer):
     assert tokenizer.token_id(ASSISTANT) in ids and ids[-2] == tokenizer.token_id(THINK_BEGIN)
     assert p.prompt in tokenizer.decode(ids)
     assert response_prefix(tokenizer) == "<think>\n"
+    bare = prompt_ids(tokenizer, p, think=False)
+    assert bare[-1] == tokenizer.token_id(ASSISTANT) and ids[: len(bare)] == bare
+
+
+def test_no_think_prompts_and_responses(tokenizer):
+    """think=False: prompts end at <｜Assistant｜> and the response is the generated text alone."""
+    task = get_task("add:digits=2")
+    llm = StubLLM(tokenizer, lambda a, b: 0)
+    llm.bare = True
+    m = evaluate_task(llm, task, EvalConfig(limit=4, samples=0, think=False))
+    assert m["greedy_pass@1"] == 1.0
+    assert all(ids[-1] == tokenizer.token_id(ASSISTANT) for ids, _ in llm.requests)
+    assert evaluate_task(llm, task, EvalConfig(limit=4, samples=0))["greedy_pass@1"] == 0.0  # unclosed think
 
 
 def test_evaluate_metrics_on_stub(tokenizer):
@@ -240,7 +256,7 @@ def test_eval_and_distill_cli_on_tiny_model(run_dir, tmp_path, capsys):
 
     out = tmp_path / "teacher.jsonl"
     args = ["distill", "--teacher", str(run_dir), "--task", "countdown", "--samples", "2", "--limit", "2"]
-    assert main([*args, "--max-new-tokens", "6", "--out", str(out)]) == 0
+    assert main([*args, "--max-new-tokens", "6", "--no-think", "--out", str(out)]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["prompts"] == 2 and s["samples"] == 4 and s["accepted"] == len(out.read_text().splitlines())
     assert s["acceptance_rate"] == s["accepted"] / 4

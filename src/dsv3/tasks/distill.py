@@ -45,6 +45,7 @@ class DistillConfig:
     max_new_tokens: int = 256
     seed: int = 0
     require_think: bool = False
+    think: bool = True  # False: prompts without the think opening (see dsv3.tasks.prompts)
 
     def validate(self) -> DistillConfig:
         if self.samples < 1:
@@ -101,7 +102,7 @@ def rejection_sample(
     """K samples per problem through the engine (one batched run); the accepted ones as messages records."""
     cfg = (config or DistillConfig()).validate()
     plan = sampling_plan(len(problems), cfg.samples, cfg.temperature, cfg.max_new_tokens, cfg.top_p, cfg.seed)
-    results = sample_responses(llm, problems, plan)
+    results = sample_responses(llm, problems, plan, think=cfg.think)
     records = []
     for problem, samples in zip(problems, results):
         for s in samples:
@@ -168,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=100, help="prompts (task: from its training split)")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (and the task's stream)")
+    parser.add_argument(
+        "--no-think", action="store_true", help="prompt without the <think> opening (answer directly)"
+    )
     parser.add_argument("--require-think", action="store_true", help="reject responses without reasoning")
     parser.add_argument("--out", required=True, help="output JSONL (written atomically)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -193,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         require_think=args.require_think,
+        think=not args.no_think,
     ).validate()
     llm = LLM(
         args.teacher, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len

@@ -46,6 +46,7 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+    think: bool = True  # False: prompts without the think opening (models tuned on bare answers)
 
     def validate(self) -> EvalConfig:
         if self.limit < 1:
@@ -66,7 +67,7 @@ def evaluate_task(llm: Generator, task: Task, config: EvalConfig | None = None) 
     plan = sampling_plan(
         len(problems), K, cfg.temperature, cfg.max_new_tokens, cfg.top_p, cfg.seed, greedy=True
     )
-    results = sample_responses(llm, problems, plan)
+    results = sample_responses(llm, problems, plan, think=cfg.think)
     return score(task, problems, results, K, cfg.temperature)
 
 
@@ -107,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=d.limit, help="held-out problems to evaluate")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--no-think", action="store_true", help="prompt without the <think> opening (answer directly)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=None)
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        think=not args.no_think,
     ).validate()
     llm = LLM(
         args.checkpoint, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len

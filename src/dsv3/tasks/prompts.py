@@ -33,10 +33,17 @@ def user_messages(problem: Problem) -> list[dict[str, str]]:
     return [{"role": "user", "content": problem.prompt}]
 
 
-def prompt_ids(tokenizer: ChatTokenizer, problem: Problem) -> list[int]:
-    """The token ids of the problem's chat prompt (generation prompt included)."""
+def prompt_ids(tokenizer: ChatTokenizer, problem: Problem, think: bool = True) -> list[int]:
+    """The token ids of the problem's chat prompt (generation prompt included; think=False: without the
+    think block the generation prompt opens)."""
     ids, _ = encode_chat(tokenizer, user_messages(problem), add_generation_prompt=True)
-    return ids
+    prefix = response_prefix(tokenizer)
+    if think or not prefix:
+        return ids
+    cut, _ = tokenizer.encode_with_offsets(prefix)
+    if ids[-len(cut) :] != cut:
+        raise ValueError(f"the chat prompt does not end with the tokens of {prefix!r}: cannot drop them")
+    return ids[: -len(cut)]
 
 
 def response_prefix(tokenizer: ChatTokenizer) -> str:
@@ -85,19 +92,22 @@ def sampling_plan(
 
 
 def sample_responses(
-    llm: Generator, problems: Sequence[Problem], plan: Sequence[Sequence[SamplingParams]]
+    llm: Generator,
+    problems: Sequence[Problem],
+    plan: Sequence[Sequence[SamplingParams]],
+    think: bool = True,
 ) -> list[list[Sample]]:
     """For problem i, one response per SamplingParams in plan[i], all batched in one engine run
-    (continuous batching). Result [problem][request]."""
+    (continuous batching). Result [problem][request]. think: see `prompt_ids`."""
     if len(plan) != len(problems):
         raise ValueError(f"got {len(plan)} rows of SamplingParams for {len(problems)} problems")
     tok = llm.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer: chat prompts need one (tokenizer.json)")
-    prefix = response_prefix(tok)
+    prefix = response_prefix(tok) if think else ""
     prompts, params = [], []
     for p, row in zip(problems, plan):
-        ids = prompt_ids(tok, p)
+        ids = prompt_ids(tok, p, think)
         prompts += [ids] * len(row)
         params += list(row)
     outs = iter(llm.generate(prompts, params) if prompts else [])
