@@ -177,3 +177,49 @@ def test_template_errors_and_prefix_stability(tok):
     ]
     with pytest.raises(ValueError, match="prefix-stable at message 1"):
         assistant_spans(late_system)
+
+
+# ------------------------------------------------------------------------ serving: the server's chat prompt
+def _chat_messages(msgs):
+    from dsv3.serving.app import ChatMessage
+
+    return [ChatMessage(**m) for m in msgs]
+
+
+def test_server_renders_deepseek_v3_by_default(tmp_path):
+    import torch
+
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.checkpoint import save_pretrained
+    from dsv3.inference import LLM
+    from dsv3.serving import load_state
+    from dsv3.serving.app import APIError
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug")
+    text = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:30_000]
+    tok = Tokenizer.train([text], cfg.vocab_size)
+    model = Transformer(cfg)
+    state = load_state(LLM(model, tokenizer=tok, max_seq_len=256, dtype="fp32"))
+    assert state.chat_template == DEEPSEEK_V3_CHAT_TEMPLATE
+    msgs = CONVERSATIONS["multi_turn"]
+    ids = state.chat_ids(_chat_messages(msgs))
+    assert ids == encode_chat(tok, msgs, add_generation_prompt=True)[0]
+    assert tok.decode(ids) == render(msgs, add_generation_prompt=True)
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id  # BOS from the template, not added twice
+    # tool calls pass through; a developer message is a system prompt
+    tools = CONVERSATIONS["tool_call_with_content"]
+    assert tok.decode(state.chat_ids(_chat_messages(tools))) == render(tools, add_generation_prompt=True)
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.decode(state.chat_ids(_chat_messages(dev))).startswith(f"{tok.bos_token}Be brief.<｜User｜>Hi")
+    with pytest.raises(APIError, match="chat template failed.*function"):
+        state.chat_ids(_chat_messages([{"role": "assistant", "content": "x", "tool_calls": [{"id": 1}]}]))
+
+    # `dsv3 serve --model DIR`: the exported directory carries the template; its own template wins
+    save_pretrained(model, tmp_path / "m", dtype=torch.float32, tokenizer=tok)
+    from_dir = load_state(tmp_path / "m", max_seq_len=256, dtype="fp32")
+    assert from_dir.chat_template == DEEPSEEK_V3_CHAT_TEMPLATE
+    assert from_dir.chat_ids(_chat_messages(msgs)) == ids
+    (tmp_path / "m" / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[-1]['content'] }}")
+    own = load_state(tmp_path / "m", max_seq_len=256, dtype="fp32")
+    assert own.chat_ids(_chat_messages(msgs)) == [tok.bos_id, *tok.encode("e")]

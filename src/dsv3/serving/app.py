@@ -5,9 +5,10 @@ events in OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GE
 Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}} with a 4xx status; a full
 queue answers 429 at once. A client that disconnects has its request aborted (cache slot freed).
 
-Chat prompts use the tokenizer's `chat_template` (tokenizer_config.json, Jinja) when it has one, else
-the documented default: an optional "System: ...\\n\\n", then "User: ...\\n" / "Assistant: ...\\n" turns,
-ending with "Assistant:".
+Chat prompts use the model directory's chat template (tokenizer_config.json or chat_template.jinja, Jinja)
+when it has one, else DeepSeek-V3's (dsv3.chat), rendered with the generation prompt
+(`...<｜Assistant｜><think>\\n`) and tokenized with special-token parsing, as transformers does. Messages keep
+their `tool_calls` / `tool_call_id`; a "developer" message counts as a system prompt.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv3.chat import DEEPSEEK_V3_CHAT_TEMPLATE, render
 from dsv3.inference.protocol import EngineProtocol, StepOutput
 from dsv3.inference.sampling import SamplingParams
 from dsv3.serving.async_engine import AsyncEngine, EngineError, QueueFullError
 from dsv3.serving.metrics import ServerMetrics
+from dsv3.tokenizer import Tokenizer
 
 
 class APIError(Exception):
@@ -81,17 +84,7 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-def default_chat_prompt(messages: list[dict[str, str]]) -> str:
-    parts = []
-    for m in messages:
-        role = m["role"]
-        if role in ("system", "developer"):
-            parts.append(f"System: {m['content']}\n\n")
-        elif role == "user":
-            parts.append(f"User: {m['content']}\n")
-        else:
-            parts.append(f"Assistant: {m['content']}\n")
-    return "".join(parts) + "Assistant:"
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")  # message fields passed on to the chat template
 
 
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -109,12 +102,20 @@ def _message_text(content: str | list[dict[str, Any]] | None) -> str:
 
 class ServerState:
     def __init__(
-        self, async_engine: AsyncEngine, model_name: str, api_key: str | None, chat_template: str | None
+        self,
+        async_engine: AsyncEngine,
+        model_name: str,
+        api_key: str | None,
+        chat_template: str | None = None,
+        chat_tokenizer: Tokenizer | None = None,
     ):
+        """chat_template: None is DeepSeek-V3's. chat_tokenizer: encodes the rendered chat with its special
+        tokens parsed (BOS from the template); without one the text goes through the engine's encode."""
         self.engine = async_engine
         self.model_name = model_name
         self.api_key = api_key
-        self.chat_template = chat_template
+        self.chat_template = chat_template if chat_template is not None else DEEPSEEK_V3_CHAT_TEMPLATE
+        self.chat_tokenizer = chat_tokenizer
         self.created = int(time.time())
 
     @property
@@ -125,17 +126,24 @@ class ServerState:
     def metrics(self) -> ServerMetrics:
         return self.engine.metrics
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> str:
-        msgs = [{"role": m.role, "content": _message_text(m.content)} for m in messages]
-        if self.chat_template:
-            import jinja2
-
-            try:
-                tmpl = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(self.chat_template)
-                return tmpl.render(messages=msgs, add_generation_prompt=True, bos_token="", eos_token="")
-            except jinja2.TemplateError as e:
-                raise APIError(400, f"chat template failed on these messages: {e}", param="messages") from e
-        return default_chat_prompt(msgs)
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """Messages -> prompt token ids through the chat template, validated by the engine."""
+        msgs = []
+        for m in messages:
+            extra = m.model_extra or {}
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
+            msg.update({k: v for k, v in extra.items() if k in _TOOL_FIELDS and v is not None})
+            msgs.append(msg)
+        tok = self.chat_tokenizer
+        try:
+            if tok is None:  # the engine's encode puts BOS in front
+                text = render(msgs, True, template=self.chat_template, bos_token="", eos_token="")
+            else:
+                text = render(msgs, True, tok, template=self.chat_template)
+                ids, _ = tok.encode_with_offsets(text)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        return self.encode(text if tok is None else ids, "messages")
 
     def params(self, req: _Common, prompt_len: int) -> SamplingParams:
         if req.n != 1:
@@ -261,8 +269,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(state, req.model)
-        prompt = state.chat_prompt(req.messages)
-        ids = state.encode(prompt, "messages")
+        ids = state.chat_ids(req.messages)
         return await _run(state, request, req, [ids], [state.params(req, len(ids))], chat=True)
 
     return app

@@ -18,11 +18,17 @@ from dsv3.inference.llm import parse_dtype
 from dsv3.model import Transformer
 from dsv3.serving.app import ServerState, create_app
 from dsv3.serving.async_engine import AsyncEngine
+from dsv3.tokenizer import Tokenizer
 
 
 def _chat_template(model_dir: Path | None) -> str | None:
+    """The directory's own chat template (chat_template.jinja, else tokenizer_config.json), or None."""
     if model_dir is None:
         return None
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return jinja_file.read_text(encoding="utf-8")
     cfg = model_dir / "tokenizer_config.json"
     if cfg.is_file():
         with contextlib.suppress(ValueError, OSError):
@@ -63,7 +69,7 @@ def load_state(
 
         src = model.model if isinstance(model, LLM) else model
         tok = model.tokenizer if isinstance(model, LLM) and tokenizer is None else tokenizer
-        engine = DisaggEngine(
+        disagg = DisaggEngine(
             model_dir or src,
             tok,
             prefill_workers=prefill_workers,
@@ -73,6 +79,7 @@ def load_state(
             dtype=parse_dtype(dtype),
             speculative=speculative,
         )
+        engine, engine_tok = disagg, disagg.tokenizer
     else:
         llm = model
         if not isinstance(model, LLM):
@@ -80,11 +87,13 @@ def load_state(
             llm = LLM(model, dtype=dtype, **kw)
         llm.engine.speculative = speculative
         engine = llm.engine
+        engine_tok = llm.tokenizer
     if model_name is None:
         model_name = Path(str(model)).name if isinstance(model, str | Path) else "dsv3"
-    return ServerState(
-        AsyncEngine(engine, max_queue=max_queue), model_name, api_key, _chat_template(model_dir)
-    )
+    # chat: the directory's template, else the tokenizer's (DeepSeek-V3's unless its files name another)
+    chat_tok = engine_tok if isinstance(engine_tok, Tokenizer) else None
+    template = _chat_template(model_dir) or (chat_tok.chat_template if chat_tok is not None else None)
+    return ServerState(AsyncEngine(engine, max_queue=max_queue), model_name, api_key, template, chat_tok)
 
 
 def build_server(
