@@ -263,3 +263,7 @@ def test_eval_and_distill_cli_on_tiny_model(run_dir, tmp_path, capsys):
 
     assert main(["eval", "--checkpoint", str(run_dir), "--task", "mul"]) == 2
     assert "unknown task 'mul'" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run_dir), "--task", "add", "--seed", "-1"]) == 2
+    assert "seed must be" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run_dir), "--task", "add", "--temperature", "0"]) == 2
+    assert "temperature > 0" in capsys.readouterr().err

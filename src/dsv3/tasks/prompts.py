@@ -75,6 +75,8 @@ def sampling_plan(
 ) -> list[list[SamplingParams]]:
     """Per problem: an optional greedy request, then `samples` sampled ones. Sample j of problem i has
     seed (seed << 32) + i * samples + j: reproducible, and no two requests share a random stream."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     plan = []
     for i in range(num_problems):
         row = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0)] if greedy else []
