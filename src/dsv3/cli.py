@@ -11,6 +11,7 @@ from dsv3.runtime import tune_malloc
 # name -> (module, one-line help). Modules are imported only when their subcommand runs (or for --help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dsv3.train.cli", "train a model (single process, --nproc N, or under torchrun)"),
+    "sft": ("dsv3.train.sft_cli", "supervised fine-tuning on chat data, packed with sample masking"),
     "generate": ("dsv3.inference.cli", "generate text from a run directory or an HF checkpoint"),
     "serve": ("dsv3.serving.cli", "OpenAI-compatible HTTP server over the inference engine"),
     "convert": ("dsv3.checkpoint.cli", "convert checkpoints (HF <-> native, BF16 <-> FP8)"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,11 @@ import torch
 
 from dsv3.checkpoint.hf import read_hf_config
 from dsv3.config import ModelConfig, TrainConfig
+from dsv3.model import IGNORE_INDEX
+from dsv3.tokenizer import Tokenizer
 from dsv3.train.data import DataState, eval_windows
 from dsv3.train.setup import TrainData
+from dsv3.train.sft_data import PAD_SEGMENT, load_sft_data, pack, stack_rows
 
 # The paper's SFT shape (report §5.1), applied unless the user sets these keys.
 SFT_DEFAULTS = {
@@ -99,7 +103,7 @@ def sft_steps(n_rows: int, batch_size: int, epochs: float) -> int:
 def sft_train_data(
     rows: dict[str, np.ndarray],
     val_ids: list[list[int]],
-    tokenizer,  # noqa: ANN001 (dsv3.tokenizer.Tokenizer)
+    tokenizer: Tokenizer,
     texts: tuple[list[str], list[str]],
     cfg: TrainConfig,
 ) -> TrainData:
@@ -116,6 +120,50 @@ def sft_train_data(
         digest=rows_digest(rows),
         train_docs=texts[0],
         val_docs=texts[1],
+    )
+
+
+@dataclass
+class SFTData:
+    """Packed SFT data with the counts `dsv3 sft` reports."""
+
+    train_data: TrainData
+    samples: int
+    held_out: int
+    rows: int
+    fill: float  # share of row positions holding sample tokens
+    loss_tokens: int
+
+
+def prepare_sft_data(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    cfg: TrainConfig,
+    loss_on: str = "completion",
+    val_frac: float = 0.05,
+) -> SFTData:
+    """Read, validate and tokenize the SFT data (`sft_data.load_sft_data`), hold out `val_frac` of the
+    samples (a seeded choice), pack the rest into `cfg.seq_len` rows: the trainer's data."""
+    if not 0 <= val_frac < 1:
+        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    samples = load_sft_data(path, tokenizer, loss_on)
+    if not samples:
+        raise ValueError(f"{path}: no SFT records")
+    n_val = int(len(samples) * val_frac) if len(samples) >= 20 else 0
+    order = np.random.default_rng(cfg.seed).permutation(len(samples))
+    val = [samples[i] for i in sorted(order[:n_val])]
+    train = [samples[i] for i in sorted(order[n_val:])]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    rows = dict(stack_rows(pack(train, cfg.seq_len, pad)))
+    texts = ([tokenizer.decode(s.input_ids) for s in train], [tokenizer.decode(s.input_ids) for s in val])
+    val_ids = [s.input_ids for s in (val or train[:1])]
+    return SFTData(
+        train_data=sft_train_data(rows, val_ids, tokenizer, texts, cfg),
+        samples=len(samples),
+        held_out=len(val),
+        rows=len(rows["input_ids"]),
+        fill=float((rows["segment_ids"] != PAD_SEGMENT).mean()),
+        loss_tokens=int((rows["labels"] != IGNORE_INDEX).sum()),
     )
 
 
