@@ -131,15 +131,29 @@ def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
+def _prctl(option: int, arg: Any = 0) -> int:
+    """Linux prctl(2); -1 where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return -1
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return int(libc.prctl(option, arg, 0, 0, 0))
+    except (OSError, AttributeError):
+        return -1
+
+
+def _parent_death_signal() -> int:
+    """The signal this process gets when its parent dies (PR_GET_PDEATHSIG), 0 when none is set."""
+    sig = ctypes.c_int(0)
+    return sig.value if _prctl(2, ctypes.byref(sig)) == 0 else 0
+
+
 def _die_with_parent(parent: int) -> Callable[[], None]:
     """A Popen preexec_fn: SIGTERM this child when its parent dies (Linux PR_SET_PDEATHSIG); exit at once
     if the parent is already gone."""
 
     def setup() -> None:
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        _prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(PREEMPTED_EXIT_CODE)
 
@@ -289,6 +303,8 @@ class RankWatchdog:
             raise ValueError(f"rank timeout must be > 0 seconds, got {timeout_s}")
         self.env, self.timeout_s, self.interval_s = env, timeout_s, interval_s
         self.parent = os.getppid()
+        # read here, on the thread that will get it: the kernel keeps the parent-death signal per thread
+        self.parent_death_signal = _parent_death_signal()
         self._stop = threading.Event()
         self._store: dist.TCPStore | None = None
         self._thread = threading.Thread(target=self._run, name="dsv3-rank-watchdog", daemon=True)
@@ -321,7 +337,8 @@ class RankWatchdog:
         beat = 0
         while not self._stop.wait(self.interval_s if beat else 0.0):
             if os.getppid() != self.parent:  # the launcher died: stop as if it had sent SIGTERM
-                os.kill(os.getpid(), signal.SIGTERM)
+                if not self.parent_death_signal:  # (unless the kernel has sent it already)
+                    os.kill(os.getpid(), signal.SIGTERM)
                 self.parent = os.getppid()
             now = time.monotonic()
             try:
