@@ -203,3 +203,25 @@ def test_packed_chat_samples_keep_their_targets(tok, tmp_path):
     targets = sorted(i for r in rows for i in r.labels.tolist() if i != IGNORE_INDEX)
     expected = sorted(i for s in samples for i, m in zip(s.input_ids[1:], s.loss_mask[1:]) if m)
     assert targets == expected
+
+
+def test_last_assistant_turn_keeps_its_reasoning():
+    """DeepSeek's template drops <think> reasoning from assistant turns; the turn a sample teaches keeps
+    it, tokenized as the generation prompt (which opens <think>) + the turn: what generation sees."""
+    from dsv3.chat import encode_chat
+    from dsv3.tokenizer import Tokenizer
+    from dsv3.train.sft_data import SFTRecord, tokenize_record
+
+    tok = Tokenizer.train(["What is 2+3? reasoning 5 answer carry write"] * 4, 400)
+    msgs = [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "<think>\n2+3=5 write 5\n</think>\n5"},
+    ]
+    s = tokenize_record(tok, SFTRecord("t.jsonl:1", "messages", {"messages": msgs}))
+    prompt, _ = encode_chat(tok, msgs[:1], add_generation_prompt=True)
+    assert s.input_ids[: len(prompt)] == prompt and not any(s.loss_mask[: len(prompt)])
+    learned = tok.decode([i for i, m in zip(s.input_ids, s.loss_mask) if m])
+    assert learned == "2+3=5 write 5\n</think>\n5" + tok.eos_token
+    bare = [msgs[0], {"role": "assistant", "content": "5"}]  # no reasoning: the template as it is
+    b = tokenize_record(tok, SFTRecord("t.jsonl:2", "messages", {"messages": bare}))
+    assert b.input_ids == encode_chat(tok, bare)[0]

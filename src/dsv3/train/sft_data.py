@@ -12,7 +12,11 @@ line and the field (`data/a.jsonl:12: messages[3].content: expected a string, go
 
 Tokenization (`loss_on="completion"`, the default, as TRL's completion_only_loss / assistant_only_loss):
 - messages: the tokenizer's chat template (dsv3.chat.encode_chat); the loss is on the assistant turns, what
-  the model says after `<｜Assistant｜>`, its closing EOS included;
+  the model says after `<｜Assistant｜>`, its closing EOS included. DeepSeek's template drops the reasoning
+  (`<think>...</think>`) of assistant turns; the last turn, the one a distillation sample teaches, keeps it:
+  it is tokenized as the generation prompt (which opens `<think>\n`) followed by the turn as written, so
+  training matches what the model sees when it generates (earlier turns' reasoning is dropped, as the
+  template drops it from history);
 - conversational prompt-completion: the template over prompt + completion, loss on the completion's assistant
   turns only;
 - plain prompt-completion: BOS + prompt + completion + EOS (no template, as TRL), loss on completion + EOS;
@@ -191,6 +195,30 @@ def read_sft_records(path: str | Path) -> list[SFTRecord]:
 
 
 # ---------------------------------------------------------------------------- tokenization
+def _encode_messages(tokenizer: Tokenizer, msgs: list[dict], mask_from: int) -> tuple[list[int], list[bool]]:
+    """encode_chat, except that a last assistant turn holding reasoning keeps it (module docstring)."""
+    last = msgs[-1]
+    content = last.get("content") or ""
+    if (
+        last.get("role") != "assistant"
+        or "</think>" not in content
+        or len(msgs) < 2
+        or last.get("tool_calls")
+    ):
+        return encode_chat(tokenizer, msgs, mask_from=mask_from)
+    hist_ids, hist_mask = encode_chat(tokenizer, msgs[:-1], mask_from=mask_from)
+    prompt_ids, _ = encode_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
+    if prompt_ids[: len(hist_ids)] != hist_ids:
+        raise ValueError("the chat template's generation prompt does not extend the conversation")
+    opened = tokenizer.decode(prompt_ids[len(hist_ids) :]).endswith("<think>\n")
+    if opened and content.startswith("<think>\n"):
+        content = content[len("<think>\n") :]
+    completion, _ = tokenizer.encode_with_offsets(content)
+    completion += [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    mask = hist_mask + [False] * (len(prompt_ids) - len(hist_ids)) + [True] * len(completion)
+    return prompt_ids + completion, mask
+
+
 def tokenize_record(tokenizer: Tokenizer, record: SFTRecord, loss_on: str = "completion") -> SFTSample:
     """One validated record -> input_ids and loss_mask (see the module docstring)."""
     if loss_on not in LOSS_ON:
@@ -202,7 +230,7 @@ def tokenize_record(tokenizer: Tokenizer, record: SFTRecord, loss_on: str = "com
                 msgs, mask_from = d["messages"], 0
             else:
                 msgs, mask_from = [*d["prompt"], *d["completion"]], len(d["prompt"])
-            ids, mask = encode_chat(tokenizer, msgs, mask_from=mask_from)
+            ids, mask = _encode_messages(tokenizer, msgs, mask_from)
         else:
             bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
             eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
