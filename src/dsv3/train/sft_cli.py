@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     src = resolve_model_dir(args.src)
     tokenizer = Tokenizer.from_file(src / "tokenizer.json")
     model_cfg = model_config_of(src)
-    base = TrainConfig(**{k: v for k, v in SFT_DEFAULTS.items()}, init_from=str(src))
+    seq_len = min(4096, model_cfg.max_position_embeddings)  # default: the model's context, at most 4K
+    base = TrainConfig(**SFT_DEFAULTS, seq_len=seq_len, init_from=str(src))
     model_cfg, train_cfg = apply_overrides(model_cfg, base, args.overrides)
     train_cfg = with_fp8(train_cfg, args.fp8)
     data = prepare_sft_data(args.data, tokenizer, train_cfg, loss_on=args.loss_on, val_frac=args.val_frac)
