@@ -5,6 +5,13 @@ events in OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GE
 Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}} with a 4xx status; a full
 queue answers 429 at once. A client that disconnects has its request aborted (cache slot freed).
 
+Robustness (dsv3.serving.guard): bodies over `max_body_bytes` get 413 before they are read; request
+fields are typed strictly (no "4" for 4, no "yes" for true); tokenization and chat rendering run in a
+worker thread, never on the event loop, so /health answers while a large prompt is encoded; a request
+with more prompts than the server can hold at once gets a 400 naming the limit. The API key is compared
+in constant time; `/metrics` needs it too when `protect_metrics` is set. While the server drains
+(SIGTERM), new requests get 503 and open ones are ended cleanly at the deadline.
+
 Chat prompts use the model directory's chat template (tokenizer_config.json or chat_template.jinja, Jinja)
 when it has one, else DeepSeek-V3's (dsv3.chat), rendered with the generation prompt
 (`...<｜Assistant｜><think>\\n`) and tokenized with special-token parsing, as transformers does. Messages keep
@@ -14,6 +21,7 @@ their `tool_calls` / `tool_call_id`; a "developer" message counts as a system pr
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -30,6 +38,7 @@ from dsv3.chat import DEEPSEEK_V3_CHAT_TEMPLATE, render
 from dsv3.inference.protocol import EngineProtocol, StepOutput
 from dsv3.inference.sampling import SamplingParams
 from dsv3.serving.async_engine import AsyncEngine, EngineError, QueueFullError
+from dsv3.serving.guard import BodyLimit, Drain
 from dsv3.serving.metrics import ServerMetrics
 from dsv3.tokenizer import Tokenizer
 
@@ -52,9 +61,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(
-        extra="allow"
-    )  # unknown OpenAI fields are ignored, as OpenAI-compatible servers do
+    # unknown OpenAI fields are ignored, as OpenAI-compatible servers do; known ones are typed strictly
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None)
@@ -63,7 +71,7 @@ class _Common(BaseModel):
     top_p: float = 1.0
     top_k: int = 0
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)  # what torch.Generator takes
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -117,6 +125,20 @@ class ServerState:
         self.chat_template = chat_template if chat_template is not None else DEEPSEEK_V3_CHAT_TEMPLATE
         self.chat_tokenizer = chat_tokenizer
         self.created = int(time.time())
+        self.max_body_bytes = 4 << 20  # requests with a larger body get 413 unread
+        self.protect_metrics = False  # /metrics needs the API key too
+        self.drain = Drain()
+
+    def key_ok(self, header: str) -> bool:
+        """`Authorization` header check, in constant time (no timing oracle on the key's prefix)."""
+        if not self.api_key:
+            return True
+        return hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode())
+
+    @property
+    def max_prompts(self) -> int:
+        """Prompts one request may carry: what the engine's batch and the queue hold together."""
+        return max(1, self.engine.capacity)
 
     @property
     def core(self) -> EngineProtocol:
@@ -216,14 +238,20 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1"):
+        path = request.url.path
+        if path.startswith("/v1") or (state.protect_metrics and path == "/metrics"):
             header = request.headers.get("authorization", "")
-            if header != f"Bearer {state.api_key}":
+            if not state.key_ok(header):
                 msg = "Missing API key." if not header else "Incorrect API key provided."
                 return JSONResponse(
                     error_body(msg, "invalid_request_error", None, "invalid_api_key"), status_code=401
                 )
+            if state.drain.draining and request.method == "POST":
+                body = error_body("The server is shutting down.", "server_error", None, "shutting_down")
+                return JSONResponse(body, status_code=503)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)  # outermost: before any parsing
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -262,14 +290,31 @@ def create_app(state: ServerState) -> FastAPI:
             prompts = list(req.prompt)
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        ids = [state.encode(p, "prompt") for p in prompts]
+        if len(prompts) > state.max_prompts:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts in one request; this server takes at most {state.max_prompts} "
+                f"(--max-batch-size + --max-queue)",
+                param="prompt",
+            )
+        max_seq = state.core.max_seq_len
+        for p in prompts:  # a prompt given as ids is checked before anything is encoded
+            if not isinstance(p, str) and len(p) >= max_seq:
+                raise APIError(
+                    400,
+                    f"prompt has {len(p)} tokens; it must be shorter than max_seq_len={max_seq}",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+        # tokenization is CPU work: off the event loop, so other requests (and /health) go on
+        ids = await asyncio.to_thread(lambda: [state.encode(p, "prompt") for p in prompts])
         params = [state.params(req, len(i)) for i in ids]
         return await _run(state, request, req, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(state, req.model)
-        ids = state.chat_ids(req.messages)
+        ids = await asyncio.to_thread(state.chat_ids, req.messages)  # rendering + tokenizing: off the loop
         return await _run(state, request, req, [ids], [state.params(req, len(ids))], chat=True)
 
     return app
@@ -291,12 +336,9 @@ async def _run(
     queue: asyncio.Queue = asyncio.Queue()
     rids: list[str] = []
     state.metrics.inc("requests_total")
-    try:
-        for i, (p_ids, p) in enumerate(zip(ids, params)):
-            rids.append(state.engine.submit(p_ids, p, i, queue))
+    try:  # all prompts of the request or none
+        rids = state.engine.submit_all(list(zip(ids, params)), queue)
     except QueueFullError:
-        for rid in rids:
-            state.engine.abort(rid)
         state.metrics.inc("requests_rejected")
         raise APIError(
             429,
@@ -320,13 +362,9 @@ async def _run(
         while done < len(rids):
             idx, item = await _next(queue, request, rids, state)
             if isinstance(item, EngineError):
-                raise APIError(
-                    500 if item.message.startswith("engine error") else 400,
-                    item.message,
-                    type_="server_error"
-                    if item.message.startswith("engine error")
-                    else "invalid_request_error",
-                )
+                status = item.status or (500 if item.message.startswith("engine error") else 400)
+                kind = "server_error" if status >= 500 else "invalid_request_error"
+                raise APIError(status, item.message, type_=kind, code=item.code)
             if item.finished:
                 texts[idx] = item.output.text
                 reasons[idx] = item.finish_reason
@@ -412,7 +450,7 @@ async def _stream(
         while done < len(rids):
             idx, item = await _next(queue, request, rids, state)
             if isinstance(item, EngineError):
-                err = error_body(item.message, "server_error")
+                err = error_body(item.message, "server_error", None, item.code)
                 yield f"data: {json.dumps(err)}\n\n"
                 done += 1
                 continue

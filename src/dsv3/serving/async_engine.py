@@ -32,6 +32,8 @@ class EngineError:
     request_id: str
     message: str
     finished: bool = True
+    status: int | None = None  # HTTP status for a plain request (None: 500 for engine errors, else 400)
+    code: str | None = None  # OpenAI error code
 
 
 @dataclass
@@ -77,6 +79,23 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
+    @property
+    def capacity(self) -> int:
+        """Requests held at once: the engine's batch plus the queue (--max-batch-size + --max-queue)."""
+        return self.engine.max_batch_size + self.max_queue
+
+    def end_all(self, message: str, status: int = 503, code: str = "shutting_down") -> int:
+        """End every open request now (shutdown deadline): each gets an EngineError at once, the engine
+        frees their slots on its thread. Returns how many were ended."""
+        with self._lock:
+            subs, self._subs = dict(self._subs), {}
+            for rid in subs:
+                self._commands.append(("abort", rid))
+        for rid, sub in subs.items():
+            self._send(sub, EngineError(rid, message, status=status, code=code))
+        self._wake.set()
+        return len(subs)
+
     def in_flight(self) -> int:
         with self._lock:
             return len(self._subs)
@@ -97,7 +116,7 @@ class AsyncEngine:
         """Queue one prompt; its StepOutputs (or an EngineError) arrive on `queue`. Raises QueueFullError."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if len(self._subs) >= self.engine.max_batch_size + self.max_queue:
+            if len(self._subs) >= self.capacity:
                 raise QueueFullError
             rid = f"{prefix}-{next(self._ids)}"
             self._subs[rid] = _Sub(rid, index, loop, queue)
@@ -111,6 +130,23 @@ class AsyncEngine:
                 return
             self._commands.append(("abort", request_id))
         self._wake.set()
+
+    def submit_all(
+        self, items: list[tuple[list[int], SamplingParams]], queue: asyncio.Queue, prefix: str = "req"
+    ) -> list[str]:
+        """Queue the prompts of one request together (index = position): all, or QueueFullError."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if len(self._subs) + len(items) > self.capacity:
+                raise QueueFullError
+            rids = []
+            for i, (prompt_ids, params) in enumerate(items):
+                rid = f"{prefix}-{next(self._ids)}"
+                self._subs[rid] = _Sub(rid, i, loop, queue)
+                self._commands.append(("add", rid, prompt_ids, params))
+                rids.append(rid)
+        self._wake.set()
+        return rids
 
     # ------------------------------------------------------------------ the loop thread
     def _send(self, sub: _Sub, item: StepOutput | EngineError) -> None:
