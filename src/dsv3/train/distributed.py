@@ -48,8 +48,14 @@ def with_fp8(train_cfg: TrainConfig, fp8: bool) -> TrainConfig:
     return train_cfg.replace(parallel=dataclasses.replace(train_cfg.parallel, fp8=True))
 
 
-def maybe_spawn(args: argparse.Namespace, model_cfg: ModelConfig, train_cfg: TrainConfig) -> int | None:
-    """`--nproc N` outside torchrun: start N ranks running these arguments; None = run here."""
+def maybe_spawn(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    target: str = "dsv3.train.cli:run",
+) -> int | None:
+    """`--nproc N` outside torchrun: start N ranks running `target` (module:function) on these arguments;
+    None = run here."""
     nproc = getattr(args, "nproc", 1) or 1
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -62,7 +68,7 @@ def maybe_spawn(args: argparse.Namespace, model_cfg: ModelConfig, train_cfg: Tra
     if nproc == 1:
         return None
     payload = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "nproc"}, nproc=nproc)
-    return spawn_call("dsv3.train.cli:run", payload, nproc)
+    return spawn_call(target, payload, nproc)
 
 
 def make_plan(train_cfg: TrainConfig, model_cfg: ModelConfig, rank_timeout_s: float = 30.0) -> ParallelPlan:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     train_cfg = dataclasses.replace(train_cfg, steps=steps).validate()
     if args.stop_at is not None and not 0 < args.stop_at <= steps:
         raise ValueError(f"--stop-at must be in [1, steps={steps}], got {args.stop_at}")
-    spawned = maybe_spawn(args, model_cfg, train_cfg)
+    spawned = maybe_spawn(args, model_cfg, train_cfg, target="dsv3.train.sft_cli:run")
     if spawned is not None:
         return spawned
     print(
