@@ -3,7 +3,7 @@ shutdown drain that ends open requests cleanly.
 
 - `BodyLimit` (ASGI middleware): a body whose Content-Length exceeds the limit gets 413 before a byte of
   it is read; a body without a length (chunked) is counted as it arrives and cut off at the limit. The
-  oversized body is never buffered, so it costs the server neither memory nor event-loop time.
+  oversized body is never held whole, so it costs the server neither memory nor event-loop time.
 - `Drain`: SIGTERM starts it; new requests then get 503, open ones may finish until the deadline, and
   at the deadline every request still open is ended by the engine side with an error (a stream gets an
   error event and `data: [DONE]`, a plain request a 503), so no client sees a truncated body.
@@ -16,21 +16,11 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from starlette.exceptions import HTTPException
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class _TooLarge(HTTPException):
-    """Raised from `receive` when a chunked body passes the limit: FastAPI re-raises HTTPExceptions from
-    body reading, so the app's handler answers 413 in OpenAI's error format."""
-
-    def __init__(self, message: str):
-        super().__init__(status_code=413, detail=message)
 
 
 def _error_json(message: str, type_: str, code: str | None) -> bytes:
@@ -52,7 +42,7 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     def _message(self, size: int | None) -> str:
-        got = f"{size} bytes" if size is not None else "more"
+        got = f"{size} bytes" if size is not None else "more than that"
         return f"Request body too large: {got}, the limit is {self.max_bytes} bytes (--max-body-bytes)."
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,31 +62,35 @@ class BodyLimit:
                 body = _error_json(self._message(size), "invalid_request_error", "request_too_large")
                 await send_json(send, 413, body)
                 return
-        seen = 0
-        started = False
+        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            receive = await self._read_bounded(receive, send)
+            if receive is None:
+                return
+        await self.app(scope, receive, send)
 
-        async def counted_receive() -> Message:
-            nonlocal seen
+    async def _read_bounded(self, receive: Receive, send: Send) -> Receive | None:
+        """A body without a length (chunked): read it here, at most max_bytes of it (413 past that),
+        and hand it on whole."""
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(self._message(None))
-            return msg
+            if msg["type"] != "http.request":  # the client left
+                chunks = []
+                break
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                body = _error_json(self._message(None), "invalid_request_error", "request_too_large")
+                await send_json(send, 413, body)
+                return None
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        async def tracked_send(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge as e:
-            if started:
-                raise
-            await send_json(
-                send, 413, _error_json(str(e.detail), "invalid_request_error", "request_too_large")
-            )
+        return replayed
 
 
 class Drain:
