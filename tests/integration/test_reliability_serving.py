@@ -195,3 +195,18 @@ def test_sigterm_drains_streams_with_an_error_event_and_done(model_dir):
         err = json.loads(lines[-2][len("data: ") :])
         assert err["error"]["code"] == "shutting_down", lines[-2]
         assert len(lines) > 3  # tokens were streamed before the drain ended it
+
+
+def test_non_finite_weights_are_named_at_load(tmp_path):
+    from dsv3.checkpoint import from_pretrained
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("debug"))
+    with torch.no_grad():
+        model.layers[0].attn.wq_a.weight[0, :3] = float("nan")
+        model.norm.weight[1] = float("inf")
+    save_pretrained(model, tmp_path / "m", dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"non-finite weights .* in 2 tensor\(s\)") as rec:
+        from_pretrained(tmp_path / "m")
+    msg = str(rec[0].message)
+    assert "model.layers.0.self_attn.q_a_proj.weight (3 of" in msg and "model.norm.weight (1 of" in msg

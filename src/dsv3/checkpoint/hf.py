@@ -5,6 +5,7 @@ target dtype (`to_empty`), so the weights exist in memory once. FP8 weights (flo
 float32 `weight_scale_inv` per 128x128 block) are dequantised on the CPU as they are read. Before any
 weight is read, every name, shape and dtype is checked against the model from the headers alone:
 an unexpected tensor, a missing one or a wrong shape fails with a ValueError naming the tensor.
+Tensors holding NaN or Inf are named in a warning as they load (a corrupted export or a diverged run).
 
 transformers' DeepseekV3 has no MTP module, so the checkpoints it writes lack the MTP layer
 (model.layers.{num_hidden_layers + k}): those load with the MTP modules freshly initialised and a
@@ -243,14 +244,26 @@ def from_pretrained(
     by_file: dict[Path, list[tuple[str, TensorInfo, Target]]] = defaultdict(list)
     for item in plan.loads:
         by_file[item[1].file].append(item)
+    nonfinite: list[str] = []
     for items in by_file.values():
         with ShardReader() as reader:  # one shard open at a time (plus a scale's shard, rarely)
             for name, info, target in items:
                 t = _read(reader, name, info, tensors, block)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    nonfinite.append(f"{name} ({bad} of {t.numel()} values)")
                 dest = (
                     expected[target.name] if target.expert is None else expected[target.name][target.expert]
                 )
                 dest.copy_(t)
+    if nonfinite:
+        more = len(nonfinite) - 10
+        shown = ", ".join(nonfinite[:10]) + (f" and {more} more" if more > 0 else "")
+        warnings.warn(
+            f"{model_dir} holds non-finite weights (NaN/Inf) in {len(nonfinite)} tensor(s): {shown}; "
+            "the model's outputs will not be finite",
+            stacklevel=3,  # past the no_grad wrapper, at the caller
+        )
     if plan.mtp_missing:
         _init_fresh(model.mtp, config.initializer_range)
         warnings.warn(
