@@ -18,7 +18,7 @@ def _plan(argv):
     parser = argparse.ArgumentParser(prog="dsv3 plan")
     plan_cli.add_arguments(parser)
     args = parser.parse_args(argv)
-    return args._run(args) if args.plan_command else plan_cli.run(args)
+    return plan_cli.run(args)
 
 
 def test_paper_run_json(capsys):
