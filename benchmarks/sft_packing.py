@@ -1,6 +1,6 @@
 """SFT throughput: samples packed with sample masking vs padded batches, and packed == one by one.
 
-The same SFT samples (chat-formatted problems of `TASKS` with their reasoning: 1- to 12-digit additions
+The same SFT samples (chat-formatted problems of `TASKS` with their reasoning: 2- to 12-digit additions
 and countdown, so lengths vary from ~20 to ~200 tokens) train the same model two ways: packed rows of
 `--seq-len` tokens (best-fit-decreasing, block-diagonal attention, positions restarting per sample:
 `dsv3.train.sft_data.pack`) and TRL's
@@ -30,7 +30,7 @@ from dsv3.tasks import get_task
 from dsv3.tokenizer import Tokenizer
 from dsv3.train.sft_data import SFTRecord, pack, stack_rows, tokenize_record
 
-TASKS = ("add:digits=1", "add:digits=3", "add:digits=6", "add:digits=12", "countdown")
+TASKS = ("add:digits=2", "add:digits=3", "add:digits=6", "add:digits=12", "countdown")
 
 
 def samples_of(n: int, vocab: int):
