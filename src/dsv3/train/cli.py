@@ -2,6 +2,12 @@
 
     dsv3 train --preset tiny [--data PATH] [--out RUN_DIR] [--steps N] [--stop-at K] [--resume]
                [--overwrite] [--fp8] [--nproc N] [--rank-timeout S] [key=value ...]
+    dsv3 train --from RUN --extend-context FACTOR [--seq-len L] [--steps N] --out RUN2 [key=value ...]
+
+The second form is a long-context extension stage (dsv3.train.extend): RUN's weights continued with YaRN
+rope scaling at FACTOR times its training length, on its corpus and tokenizer, with a constant LR (the
+source's final LR) and its tokens per step; run it again on RUN2 for a second stage. `key=value` settings
+apply on top of the stage's defaults; --preset is not used.
 
 Options and `key=value` settings may come in any order (`--nproc 2 ep=2 --steps 400 ckpt_every=0`).
 SIGTERM or Ctrl-C stops the run after the step in progress with a checkpoint (on every rank; `--nproc`
@@ -116,6 +122,22 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="start over in a run directory that holds a run"
     )
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (the same as fp8=true)")
+    parser.add_argument(
+        "--from", dest="src", default=None, help="a run directory to extend (with --extend-context)"
+    )
+    parser.add_argument(
+        "--extend-context",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="long-context stage: YaRN over FACTOR x the source's training length (dsv3.train.extend)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="the stage's sequence length (default: FACTOR x the source's)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
     parser.add_argument(
@@ -134,6 +156,24 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _extension_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """--from/--extend-context: the stage's configs with the `key=value` overrides; OUT prepared (cleared
+    on --overwrite, the source's tokenizer copied) before any rank starts."""
+    from dsv3.train.extend import extension, prepare_extension_dir
+
+    if args.src is None or args.extend_context is None:
+        raise ValueError("--from and --extend-context go together (a long-context extension stage)")
+    if args.out is None:
+        raise ValueError("--extend-context needs --out (the stage's own run directory)")
+    ext = extension(args.src, args.extend_context, seq_len=args.seq_len, steps=args.steps)
+    model_cfg, train_cfg = apply_overrides(ext.model, ext.train, args.overrides)
+    if args.data is None:
+        args.data = ext.data
+    prepare_extension_dir(ext, args.out, resume=args.resume, overwrite=args.overwrite)
+    args.overwrite = False  # cleared above, with the tokenizer now in place
+    return model_cfg, train_cfg
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv3.parallel.launch import PREEMPTED_EXIT_CODE
     from dsv3.train.distributed import make_trainer, maybe_spawn, with_fp8
@@ -144,7 +184,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rank-timeout must be > 0 seconds, got {args.rank_timeout}")
     if args.steps is not None and args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")
-    model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
+    if args.src is not None or args.extend_context is not None:
+        model_cfg, train_cfg = _extension_configs(args)
+    else:
+        if args.seq_len is not None:
+            raise ValueError("--seq-len goes with --extend-context (elsewhere write seq_len=L)")
+        model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
     train_cfg = with_fp8(train_cfg, args.fp8)  # the flag is `fp8=true`'s short form
     if args.stop_at is not None and not 0 < args.stop_at <= train_cfg.steps:
         raise ValueError(f"--stop-at must be in [1, steps={train_cfg.steps}], got {args.stop_at}")
