@@ -23,7 +23,7 @@ import torch
 from dsv3.inference.cache import LatentKVCache
 from dsv3.inference.generate import ModelRunner
 from dsv3.inference.protocol import RequestOutput, StepOutput, TokenizerProtocol
-from dsv3.inference.sampling import SamplingParams, sample
+from dsv3.inference.sampling import SamplingParams, sample, sampled_logprobs
 from dsv3.inference.speculative import SpecStats, speculative_step
 from dsv3.model import Transformer
 
@@ -142,6 +142,8 @@ class Engine:
         params = (params or SamplingParams()).validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.logprobs and self._speculative:
+            raise ValueError("logprobs are not recorded in speculative mode")
         ids = self.encode(prompt)
         gen = None
         if not params.greedy:
@@ -157,6 +159,8 @@ class Engine:
         )
         if self._speculative:
             out.spec = SpecStats(per_position=[0])
+        if params.logprobs:
+            out.logprobs = []
         req = _Request(out, params, gen, stop_ids)
         self.requests[request_id] = req
         self.waiting.append(req)
@@ -231,6 +235,7 @@ class Engine:
         slot = reqs[0].slot
         pre = self.runner.prefill(slot, [r.out.prompt_token_ids for r in reqs])
         first = sample(pre.logits, [r.params for r in reqs], [r.generator for r in reqs])
+        self._record_logprobs(reqs, pre.logits, first)
         if self._speculative:
             drafts = self.runner.mtp_prefill(slot, pre, first)
         now = time.perf_counter()
@@ -249,7 +254,9 @@ class Engine:
         tokens = torch.tensor([[r.pending] for r in reqs])
         starts = torch.tensor(self.cache.lengths[:n])
         logits, _ = self.runner.decode(tokens, starts)
-        nxt = sample(logits[:, -1], [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        nxt_t = sample(logits[:, -1], [r.params for r in reqs], [r.generator for r in reqs])
+        self._record_logprobs(reqs, logits[:, -1], nxt_t)
+        nxt = nxt_t.tolist()
         for i, (r, t) in enumerate(zip(reqs, nxt)):
             self.cache.lengths[i] += 1
             self._commit(r, t)
@@ -286,6 +293,16 @@ class Engine:
             self.spec_stats.add(st)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _record_logprobs(self, reqs: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append each sampled token's log-probability for the requests that asked for them."""
+        rows = [i for i, r in enumerate(reqs) if r.out.logprobs is not None]
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=logits.device)
+        lp = sampled_logprobs(logits[idx], [reqs[i].params for i in rows], tokens[idx.to(tokens.device)])
+        for i, v in zip(rows, lp.tolist()):
+            reqs[i].out.logprobs.append(v)
+
     def _commit(self, r: _Request, token: int) -> bool:
         """Append one token and apply the stop rules; True when the request is finished."""
         out, p = r.out, r.params

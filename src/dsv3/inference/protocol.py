@@ -37,6 +37,7 @@ class RequestOutput:
     finish_time: float | None = None
     spec: SpecStats | None = None  # speculative statistics (speculative mode only)
     error: str | None = None  # why the request failed (finish_reason "error": e.g. its worker died)
+    logprobs: list[float] | None = None  # per generated token (SamplingParams.logprobs), else None
 
     @property
     def time_to_first_token(self) -> float | None:

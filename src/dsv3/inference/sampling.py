@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides EOS
     seed: int | None = None  # per-request seed: same seed, same output
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    logprobs: bool = False  # record each sampled token's log-probability (`RequestOutput.logprobs`)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +65,8 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {i!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be true or false, got {self.logprobs!r}")
         return self
 
 
@@ -100,6 +103,17 @@ def probs_from_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
         g = torch.tensor(greedy, device=x.device)
         probs[g] = torch.zeros_like(probs[g]).scatter_(1, x[g].argmax(dim=-1, keepdim=True), 1.0)
     return probs
+
+
+def sampled_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], tokens: torch.Tensor
+) -> torch.Tensor:
+    """log p(token) [N] float32 of each row's chosen token under softmax(logits / temperature), before
+    top-k / top-p (a greedy row: temperature 1). This is the tempered policy an RL loss scores
+    (dsv3.rl.loss.token_logprobs computes the same from the training forward)."""
+    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+    logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)
+    return logp.gather(1, tokens.to(logits.device).view(-1, 1)).squeeze(1)
 
 
 def uniforms(generators: Sequence[torch.Generator | None] | torch.Generator | None, n: int) -> torch.Tensor:
