@@ -20,6 +20,7 @@ from typing import Any
 from dsv3.tasks.add import AddTask
 from dsv3.tasks.base import Problem, Task
 from dsv3.tasks.countdown import CountdownTask
+from dsv3.tasks.passkey import PasskeyTask
 
 RewardFn = Callable[[Problem, str], float]
 TaskFactory = Callable[..., Task]
@@ -72,7 +73,7 @@ class TaskRegistry:
 
     @classmethod
     def builtin(cls) -> TaskRegistry:
-        return cls({"add": AddTask, "countdown": CountdownTask})
+        return cls({"add": AddTask, "countdown": CountdownTask, "passkey": PasskeyTask})
 
     def register(self, name: str, factory: TaskFactory, overwrite: bool = False) -> TaskRegistry:
         if not _NAME.fullmatch(name):
