@@ -128,9 +128,6 @@ def test_mtp_concatenates_embedding_first():
     cos, sin = model.rope(torch.arange(6).expand(1, 6), x.dtype)
     h, _ = m.block(x, cos, sin)
     torch.testing.assert_close(out.mtp_logits[0], model.head(m.norm(h)))
-    # mtp_step (inference) gives the same logits for the positions it is given
-    logits, _ = model.mtp_step(1, out.hidden, torch.roll(ids, -1, 1), torch.arange(6).expand(1, 6))
-    torch.testing.assert_close(logits, out.mtp_logits[0])
 
 
 def test_lm_loss_parts():

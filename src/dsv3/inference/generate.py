@@ -109,7 +109,8 @@ class ModelRunner:
         view: CacheView,
         last: torch.Tensor,
     ) -> torch.Tensor:
-        """`Transformer.mtp_step` at depth 1, computing only what the next draft needs.
+        """MTP depth 1 (`MTPModule.combine`, its block, `MTPModule.logits`), computing only what the next
+        draft needs.
 
         Every position's latent goes into the MTP cache layer (later drafts attend to it), but the rest of
         the block (query, attention, MoE) and the head run for position last[b] of each row only: the other

@@ -124,21 +124,6 @@ class Transformer(nn.Module):
             stats.extend(mtp_stats)
         return out
 
-    def mtp_step(
-        self,
-        depth: int,
-        h: torch.Tensor,
-        next_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: LatentCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth at inference: (h^{k-1} [B, S, D], t_{i+k} [B, S]) -> (logits, h^k)."""
-        module = self.mtp[depth - 1]
-        emb = self.embed(next_ids)
-        cos, sin = self.rope(positions, emb.dtype)
-        h, _ = module(h, emb, cos, sin, cache)
-        return module.logits(h, self.head), h
-
     def num_params(self, exclude_mtp: bool = True) -> int:
         skip = {id(p) for p in self.mtp.parameters()} if exclude_mtp else set()
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
