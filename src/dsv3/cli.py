@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("dsv3.train.plot", "plot a run's loss curves and expert-load heatmap"),
     "eval": ("dsv3.tasks.evaluate", "greedy pass@1 and sampled pass@k on a task's held-out split"),
     "distill": ("dsv3.tasks.distill", "distillation data by rejection sampling from a teacher"),
+    "rm": ("dsv3.rl.rm_cli", "train a reward model on preference pairs (Bradley-Terry, pairwise accuracy)"),
     "grpo": ("dsv3.rl.cli", "reinforcement learning with GRPO (task verifiers, reward functions)"),
 }
 
