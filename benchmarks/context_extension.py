@@ -1,0 +1,217 @@
+"""Long-context extension on the tiny preset: trained at 256 tokens, extended with YaRN to 4x (and 16x).
+
+Steps (each through the CLI a user runs):
+1. `dsv3 train --preset tiny --steps N` at seq_len 256 on tinyshakespeare (its first 90%) mixed with
+   passkey documents (`dsv3.tasks.passkey`: a 5-digit key in filler, then the question and the answer),
+   sized to fit 256 tokens;
+2. `dsv3 train --from RUN --extend-context 4` (one stage, dsv3.train.extend) on the same text mixed with
+   passkey documents of up to 1024 tokens; with --x16 a second stage chained on it (x4 again);
+3. bits per byte on the held-out last 10% of tinyshakespeare, by target position bucket (0-256, 256-1024,
+   1024-4096) over windows of the extended length: the source model with plain RoPE (extrapolating), the
+   source weights under the stage's YaRN config without training, and the stage's model;
+4. passkey retrieval accuracy by length (tokens) x depth, greedy, raw prompts (`passkey_sweep`), before
+   and after the stage: a heatmap PNG (the report's Figure 8 shape).
+
+    python benchmarks/context_extension.py [--steps 150] [--stage-steps 40] [--x16] [--needle-n 4]
+
+Last line: JSON {bpb_native, bpb_4x_before, bpb_4x_after, bpb_4x_yarn_untrained, needle_4x, seconds, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsv3 import Transformer
+from dsv3.checkpoint import from_pretrained
+from dsv3.checkpoint.hf import read_hf_config
+from dsv3.cli import main as dsv3
+from dsv3.config import ModelConfig
+from dsv3.inference import LLM
+from dsv3.tasks.passkey import PasskeyTask, passkey_sweep
+from dsv3.tokenizer import Tokenizer
+from dsv3.train.data import bundled_corpus_path
+from dsv3.train.extend import yarn_model
+
+BUCKETS = ((0, 256), (256, 1024), (1024, 4096))
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def corpus(path: Path, text: str, needle_tokens: int, needles: int, seed: int) -> None:
+    """JSONL: the text in ~2000-character documents plus `needles` passkey documents (prompt + answer)
+    whose prompts take up to ~`needle_tokens` tokens at ~2 characters per token, shuffled."""
+    docs = [text[i : i + 2000] for i in range(0, len(text), 2000)]
+    rng = random.Random(seed)
+    for _ in range(needles):
+        chars = rng.randint(200, max(201, int(needle_tokens * 2.2)))
+        task = PasskeyTask(length=chars, depth=rng.random())
+        p = task.sample(rng, "train")
+        docs.append(f"{p.prompt} {p.answer}.")
+    rng.shuffle(docs)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+@torch.no_grad()
+def bpb_by_bucket(
+    model: Transformer, tok: Tokenizer, text: str, length: int, windows: int
+) -> dict[str, float]:
+    """Bits per byte of each target-position bucket over `windows` windows of `length` tokens."""
+    ids = tok.encode(text)
+    nbytes = torch.tensor([len(tok.decode_bytes([i])) for i in range(tok.vocab_size)], dtype=torch.float64)
+    nats = torch.zeros(length, dtype=torch.float64)
+    byts = torch.zeros(length, dtype=torch.float64)
+    step = max(length, (len(ids) - length - 1) // windows)
+    for w in range(windows):
+        seq = torch.tensor(ids[w * step : w * step + length + 1])
+        if len(seq) < length + 1:
+            break
+        logits = model(seq[None, :-1]).logits[0].float()
+        nats += F.cross_entropy(logits, seq[1:], reduction="none").double()
+        byts += nbytes[seq[1:]]
+    out = {}
+    for lo, hi in BUCKETS:
+        if lo < length:
+            out[f"{lo}-{hi}"] = float(nats[lo:hi].sum() / byts[lo:hi].sum() / math.log(2))
+    return out
+
+
+def load_as(model_dir: Path, config: ModelConfig) -> Transformer:
+    """The weights of `model_dir` in a model built from `config` (e.g. the same weights under YaRN)."""
+    model = Transformer(config)
+    model.load_state_dict(from_pretrained(model_dir, dtype=torch.float32).state_dict())
+    return model.eval()
+
+
+def needle_grid(model: Transformer, tok: Tokenizer, lengths: list[int], n: int) -> list[dict]:
+    llm = LLM(model, tokenizer=tok, max_seq_len=max(lengths) + 16, max_batch_size=16, dtype="float32")
+    return passkey_sweep(llm, lengths, DEPTHS, n=n)
+
+
+def heatmap(grids: dict[str, list[dict]], lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.6), squeeze=False)
+    for ax, (title, grid) in zip(axes[0], grids.items()):
+        acc = [
+            [next(r["accuracy"] for r in grid if r["length"] == L and r["depth"] == d) for L in lengths]
+            for d in DEPTHS
+        ]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+        ax.set_yticks(range(len(DEPTHS)), [f"{d:.0%}" for d in DEPTHS])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(title)
+        for i, row in enumerate(acc):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="retrieval accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/out/context_extension")
+    ap.add_argument("--steps", type=int, default=150, help="pre-training steps at 256 tokens")
+    ap.add_argument("--stage-steps", type=int, default=40, help="steps of each extension stage")
+    ap.add_argument("--x16", action="store_true", help="a second stage to 16x (4096 tokens)")
+    ap.add_argument("--needle-n", type=int, default=4, help="held-out keys per length x depth cell")
+    ap.add_argument("--eval-windows", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = bundled_corpus_path().read_text()
+    cut = int(len(text) * 0.9)
+    train_text, held_out = text[:cut], text[cut:]
+    corpus(out / "data256.jsonl", train_text, 256, 800, seed=0)
+    corpus(out / "data1024.jsonl", train_text, 1024, 800, seed=1)
+    quiet = ["--no-progress", "--no-sample", "--overwrite"]
+    src, s4, s16 = out / "native", out / "x4", out / "x16"
+    t = time.perf_counter()
+    rc = dsv3(["train", "--preset", "tiny", "--steps", str(a.steps), "--data", str(out / "data256.jsonl"),
+               "--out", str(src), *quiet, "eval_every=0", "ckpt_every=0"])  # fmt: skip
+    assert rc == 0, "pre-training failed"
+    pretrain_s = time.perf_counter() - t
+    t = time.perf_counter()
+    rc = dsv3(["train", "--from", str(src), "--extend-context", "4", "--steps", str(a.stage_steps),
+               "--data", str(out / "data1024.jsonl"), "--out", str(s4), *quiet])  # fmt: skip
+    assert rc == 0, "the 4x stage failed"
+    stage_s = time.perf_counter() - t
+    stage16_s = None
+    if a.x16:
+        t = time.perf_counter()
+        rc = dsv3(["train", "--from", str(s4), "--extend-context", "4", "--steps", str(a.stage_steps),
+                   "--data", str(out / "data1024.jsonl"), "--out", str(s16), *quiet])  # fmt: skip
+        assert rc == 0, "the 16x stage failed"
+        stage16_s = time.perf_counter() - t
+
+    tok = Tokenizer.from_file(src / "model")
+    src_cfg = ModelConfig.from_hf(read_hf_config(src / "model"))
+    yarn4 = yarn_model(src_cfg, 256, 4)
+    models = {
+        "before (plain RoPE)": load_as(src / "model", src_cfg.replace(max_position_embeddings=4096)),
+        "YaRN, no training": load_as(src / "model", yarn4),
+        "after the 4x stage": from_pretrained(s4 / "model", dtype=torch.float32).eval(),
+    }
+    bpb = {k: bpb_by_bucket(m, tok, held_out, 1024, a.eval_windows) for k, m in models.items()}
+    if a.x16:
+        m16 = from_pretrained(s16 / "model", dtype=torch.float32).eval()
+        bpb["after the 16x stage (4096)"] = bpb_by_bucket(
+            m16, tok, held_out, 4096, max(2, a.eval_windows // 4)
+        )
+        bpb["before (plain RoPE, 4096)"] = bpb_by_bucket(
+            models["before (plain RoPE)"], tok, held_out, 4096, max(2, a.eval_windows // 4)
+        )
+    for k, v in bpb.items():
+        print(f"bpb {k:28s} " + "  ".join(f"{b}: {x:.3f}" for b, x in v.items()), flush=True)
+
+    lengths = [256, 512, 1024]
+    grids = {
+        "before (plain RoPE)": needle_grid(models["before (plain RoPE)"], tok, lengths, a.needle_n),
+        "after the 4x stage": needle_grid(models["after the 4x stage"], tok, lengths, a.needle_n),
+    }
+    for k, g in grids.items():
+        print(f"needle {k}: " + "  ".join(f"{r['length']}@{r['depth']:.2f}={r['accuracy']:.2f}" for r in g))
+    heatmap(grids, lengths, out.with_suffix(".png"))
+
+    def mean_acc(grid: list[dict], max_len: int) -> float:
+        cells = [r["accuracy"] for r in grid if r["length"] <= max_len]
+        return sum(cells) / len(cells)
+
+    after, before = bpb["after the 4x stage"], bpb["before (plain RoPE)"]
+    rec = {
+        "bpb_native": round(after["0-256"], 4),
+        "bpb_4x_before": round(before["256-1024"], 4),
+        "bpb_4x_yarn_untrained": round(bpb["YaRN, no training"]["256-1024"], 4),
+        "bpb_4x_after": round(after["256-1024"], 4),
+        "bpb_native_before": round(before["0-256"], 4),
+        "needle_4x": round(mean_acc(grids["after the 4x stage"], 1024), 4),
+        "needle_4x_before": round(mean_acc(grids["before (plain RoPE)"], 1024), 4),
+        "needle_native_after": round(mean_acc(grids["after the 4x stage"], 256), 4),
+        "pretrain_seconds": round(pretrain_s, 1),
+        "stage_seconds": round(stage_s, 1),
+        "stage16_seconds": None if stage16_s is None else round(stage16_s, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "heatmap": str(out.with_suffix(".png")),
+    }
+    if a.x16:
+        rec["bpb_16x_after"] = round(bpb["after the 16x stage (4096)"]["1024-4096"], 4)
+        rec["bpb_16x_before"] = round(bpb["before (plain RoPE, 4096)"]["1024-4096"], 4)
+    print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
