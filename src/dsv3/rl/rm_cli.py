@@ -35,6 +35,7 @@ import torch
 
 from dsv3.checkpoint import from_pretrained, resolve_model_dir
 from dsv3.config import TrainConfig, coerce_value
+from dsv3.cpu import set_expert_backend
 from dsv3.io import atomic_write
 from dsv3.rl.reward_model import (
     META_FILE,
@@ -280,7 +281,7 @@ def train_reward_model(
         rec = {
             "type": "train",
             "step": step + 1,
-            "loss": float(loss),
+            "loss": loss.detach().item(),
             **stats,
             "lr": lr,
             "grad_norm": float(norm),
@@ -379,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write(out / "rm_config.json", (json.dumps(run_info, indent=2) + "\n").encode())
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
+    set_expert_backend(backbone, "padded")  # the trainer's CPU expert layout: same numbers, faster
     model = RewardModel(backbone)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     summary = train_reward_model(
