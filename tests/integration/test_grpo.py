@@ -63,6 +63,15 @@ def test_grpo_reward_rises(sft, tmp_path):
     assert r["logprob_gap_max"] < 1e-4  # engine and training forward agree on the sampled tokens
     assert len(_records(run, "sample")) == 8  # 2 samples every 10 steps
     assert (run / "model" / "config.json").is_file()
+    before, after = (
+        load_file(sft / "model" / "model.safetensors"),
+        load_file(run / "model" / "model.safetensors"),
+    )
+    mtp = [
+        k for k in before if k.startswith("model.layers.2.") and "embed" not in k and "shared_head" not in k
+    ]
+    assert mtp and all((before[k] == after[k]).all() for k in mtp)  # MTP is not trained by default
+    assert not all((before[k] == after[k]).all() for k in before)
 
 
 def test_engine_samples_with_the_updated_weights(sft, tmp_path):
@@ -118,7 +127,7 @@ def test_grpo_resume_is_bit_exact(sft, tmp_path):
     assert ra[-1]["kl"] > 0
 
 
-def test_prompts_file_columns_reach_user_rewards(sft, tmp_path, monkeypatch):
+def test_prompts_file_columns_reach_user_rewards(sft, tmp_path, monkeypatch, capsys):
     (tmp_path / "myreward.py").write_text(
         "def exact(prompts, completions, completion_ids, answer, a, **kw):\n"
         "    assert all(isinstance(p, list) for p in prompts)\n"
@@ -133,9 +142,13 @@ def test_prompts_file_columns_reach_user_rewards(sft, tmp_path, monkeypatch):
     run = tmp_path / "rl"
     args = ["grpo", "--from", str(sft), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(run)]
     args += ["--reward", "myreward:exact", "--reward", "add@0.5", "--steps", "2", *FAST, "prompts_per_step=2"]
-    assert main([*args, "num_generations=3"]) == 0
+    assert main([*args, "num_generations=3", "mtp_weight=0.1"]) == 0
     r = _records(run)[-1]
     assert "rewards/myreward:exact/mean" in r and "rewards/add/mean" in r
+    assert r["mtp_loss"] > 0  # mtp_weight > 0 trains MTP on the rollouts
+    capsys.readouterr()
+    assert main(["grpo", "--resume", *args[1:], "num_generations=3", "mtp_weight=0.1", "loss_type=grpo"]) == 2
+    assert "settings differ" in capsys.readouterr().err  # a resume keeps the run's settings
 
 
 def test_bad_reward_fails_before_training(sft, tmp_path, capsys, monkeypatch):

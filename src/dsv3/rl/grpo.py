@@ -530,6 +530,12 @@ class GRPO:
         if path is None:
             raise ValueError(f"--resume: no usable checkpoint in {self.ckpt.root}")
         model_state, state = self.ckpt.load(path)
+        free = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "samples_logged"}
+        now = self.cfg.to_dict()
+        changed = sorted(k for k, v in state["config"].items() if k not in free and now.get(k) != v)
+        if changed:
+            diff = ", ".join(f"{k}: {state['config'][k]!r} -> {now.get(k)!r}" for k in changed)
+            raise ValueError(f"--resume: settings differ from the checkpoint's ({diff})")
         with torch.no_grad():  # in place: the engine's model shares these tensors
             self.policy.load_state_dict(model_state)
         self.opt.load_state_dict(state["optimizer"])
