@@ -166,9 +166,12 @@ class PromptSource:
                 for p in problems
             ]
         out, N = [], len(self.records)
+        perms: dict[int, np.ndarray] = {}  # a seeded permutation of the records per epoch
         for k in range(step * n, step * n + n):
             epoch, i = divmod(k, N)
-            rec = self.records[int(np.random.default_rng([self.seed, epoch]).permutation(N)[i])]
+            if epoch not in perms:
+                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(N)
+            rec = self.records[int(perms[epoch][i])]
             out.append(
                 PromptRecord(
                     rec["prompt"],
