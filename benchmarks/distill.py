@@ -64,7 +64,7 @@ def num_params(run: Path) -> int:
     n_layers = json.loads((run / "model" / "config.json").read_text())["num_hidden_layers"]
     mtp = tuple(f"model.layers.{i}." for i in range(n_layers, n_layers + 8))
     with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f if not k.startswith(mtp))
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(mtp))  # noqa: SIM118
 
 
 def answers_only(task_spec: str, distilled: Path, limit: int, seed: int) -> list[dict[str, Any]]:
