@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -196,3 +197,20 @@ def verify_files(root: str | os.PathLike, files: dict[str, dict[str, Any]]) -> N
             )
         if sha256_file(f) != meta["sha256"]:
             raise CorruptFile(f"{root}: {name} fails its SHA-256 checksum (corrupted)")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; ValueError naming the file
+    and line for a missing file or a line that is not JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"prompts file not found: {path}")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+    return out

@@ -43,6 +43,7 @@ from dsv3.chat import encode_chat
 from dsv3.checkpoint import from_pretrained, resolve_model_dir, save_pretrained
 from dsv3.cpu import apply_cpu_training
 from dsv3.inference import LLM, SamplingParams
+from dsv3.io import read_jsonl
 from dsv3.model import IGNORE_INDEX, Transformer, lm_loss
 from dsv3.rl.loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, token_logprobs
 from dsv3.rl.rewards import Reward, compute_rewards
@@ -194,17 +195,8 @@ class PromptSource:
 
 def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
     """A prompts file: JSONL of {"prompt": string or messages, ...extra columns}."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"prompts file not found: {path}")
     recs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+    for n, rec in read_jsonl(path):
         prompt = rec.get("prompt") if isinstance(rec, dict) else None
         ok_msgs = (
             isinstance(prompt, list)

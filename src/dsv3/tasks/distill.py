@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv3.inference import LLM
-from dsv3.io import atomic_write
+from dsv3.io import atomic_write, read_jsonl
 from dsv3.tasks.base import Problem, Task, split_response
 from dsv3.tasks.prompts import Generator, sample_responses, sampling_plan, user_messages
 from dsv3.tasks.registry import RewardFn, get_task, load_reward
@@ -121,17 +121,8 @@ def _reasoning(response: str) -> str | None:
 
 def load_prompts(path: str | Path) -> list[Problem]:
     """Problems from a JSONL file of {"prompt": str, "answer"?: str, ...} records."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"prompts file not found: {path}")
     problems = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+    for n, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
             raise ValueError(f'{path}:{n}: each line must be an object with a non-empty "prompt" string')
         answer = rec.get("answer")
