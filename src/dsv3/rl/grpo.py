@@ -21,7 +21,17 @@ clipped objective of `dsv3.rl.loss`, AdamW, checkpoints with exact resume. Compo
   exactly what the uninterrupted run did. Checkpoints (dsv3.train.checkpoint, atomic) hold the policy,
   the optimizer, the reference model and the RNG state.
 
-Not done: data parallelism (torchrun); the MoE balance biases stay fixed during RL.
+- data parallelism (`dsv3 grpo --nproc N`, torchrun): every rank holds a policy replica and an engine and
+  samples its contiguous share of the step's completions with the single-process seeds; rewards are
+  all-gathered so advantages are computed over whole groups, the loss is normalised by global counts and
+  gradients are summed (dsv3.rl.ranks): N ranks take the single-process step. Rank 0 writes the metrics,
+  checkpoints (one full replica, so a run resumes on any number of ranks) and the export;
+- held-out evaluation (`eval_every` > 0, a task run): greedy pass@1 on the first `eval_samples` problems
+  of the task's test split on the rollout engine (dsv3.tasks.evaluate_task), logged as `eval_accuracy`
+  records of type "eval" at step 0 and every `eval_every` steps (rank 0).
+
+Not done: the MoE balance biases stay fixed during RL; no tensor/expert parallelism of the policy (each
+data-parallel rank holds the whole model and optimizer state).
 """
 
 from __future__ import annotations
@@ -46,11 +56,12 @@ from dsv3.inference import LLM, SamplingParams
 from dsv3.io import read_jsonl
 from dsv3.model import IGNORE_INDEX, Transformer, lm_loss
 from dsv3.rl.loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, token_logprobs
+from dsv3.rl.ranks import Ranks
 from dsv3.rl.rewards import Reward, compute_rewards
-from dsv3.tasks import Task
+from dsv3.tasks import EvalConfig, Task, evaluate_task
 from dsv3.tasks.prompts import prompt_ids, response_prefix
 from dsv3.tokenizer import Tokenizer
-from dsv3.train.checkpoint import Checkpointer
+from dsv3.train.checkpoint import Checkpointer, step_dir_name
 from dsv3.train.metrics import MetricsLog
 from dsv3.train.optim import AdamW, clip_grads, grad_norm, param_groups
 from dsv3.train.setup import prepare_run_dir
@@ -89,6 +100,8 @@ class GRPOConfig:
     keep_checkpoints: int = 3
     sample_every: int = 10  # log sample completions every N steps (0: never)
     samples_logged: int = 2
+    eval_every: int = 0  # held-out greedy accuracy every N steps and at step 0 (0: never; a task run)
+    eval_samples: int = 100  # held-out problems per evaluation
 
     def validate(self) -> GRPOConfig:
         d = self.to_dict()
@@ -117,8 +130,9 @@ class GRPOConfig:
                 raise ValueError(f"{n} must be >= 0, got {d[n]}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
-        if self.micro_batch < 0 or self.sample_every < 0 or self.samples_logged < 0:
-            raise ValueError("micro_batch, sample_every and samples_logged must be >= 0")
+        if self.micro_batch < 0 or self.sample_every < 0 or self.samples_logged < 0 or self.eval_every < 0:
+            raise ValueError("micro_batch, sample_every, samples_logged and eval_every must be >= 0")
+        positive("eval_samples")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         return self
@@ -217,7 +231,10 @@ def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- rollouts
 @dataclass
 class Rollout:
-    """One step's completions, rewards and advantages (N = prompts x G rows, a group's rows adjacent)."""
+    """One step's completions, rewards and advantages (N = prompts x G rows, a group's rows adjacent).
+
+    The token lists are this rank's rows (`rows` of the N; all of them in one process); the tensors
+    cover all N rows, gathered from every rank."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
@@ -229,6 +246,9 @@ class Rollout:
     advantages: torch.Tensor  # [N]
     is_std_zero: torch.Tensor  # [N]
     seconds: float
+    rows: slice  # this rank's rows of the N
+    lengths: torch.Tensor  # [N] completion lengths in tokens
+    truncated_all: torch.Tensor  # [N] bool
 
 
 def shared_engine_model(policy: Transformer) -> Transformer:
@@ -256,13 +276,24 @@ class GRPO:
         overwrite: bool = False,
         progress: bool = True,
         log: Any = print,
+        ranks: Ranks | None = None,
     ):
+        """ranks: this process's data-parallel group (None: a single process)."""
         self.cfg = cfg.validate()
         if not rewards:
             raise ValueError("GRPO needs at least one reward function")
-        self.tokenizer, self.prompts, self.rewards, self.log = tokenizer, prompts, rewards, log
+        if cfg.eval_every and prompts.task is None:
+            raise ValueError("eval_every needs a task (--task): the held-out split is the task's test split")
+        self.ranks = ranks or Ranks()
+        self.tokenizer, self.prompts, self.rewards = tokenizer, prompts, rewards
+        self.log = log if self.ranks.is_main else _quiet
         self.run_dir = Path(run_dir)
-        prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite, is_main=True, barrier=lambda: None)
+        n = cfg.prompts_per_step * cfg.num_generations
+        self.ranks.rows(n)  # n splits over the ranks, or a clear error
+        main = self.ranks.is_main
+        prepare_run_dir(
+            self.run_dir, resume=resume, overwrite=overwrite, is_main=main, barrier=self.ranks.barrier
+        )
         self.policy = policy.float().train()
         for p in self.policy.mtp.parameters():
             p.requires_grad_(cfg.mtp_weight > 0)
@@ -275,23 +306,25 @@ class GRPO:
             apply_cpu_training(self.policy, "padded")
             if self.ref is not None:
                 apply_cpu_training(self.ref, "padded")
-        n = cfg.prompts_per_step * cfg.num_generations
         max_len = min(
             policy.config.max_position_embeddings, cfg.max_prompt_length + cfg.max_completion_length
         )
-        self.llm = LLM(self.engine_model, max_batch_size=n, max_seq_len=max_len, tokenizer=tokenizer)
+        self.llm = LLM(
+            self.engine_model, max_batch_size=n // self.ranks.world, max_seq_len=max_len, tokenizer=tokenizer
+        )
         groups = param_groups(self.policy, cfg.weight_decay)
         self.opt = AdamW(
             groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
         )
         self.dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints, warn=log)
         self.step = 0
-        self.progress = progress
+        self.progress = progress and main
         if resume:
             self._resume()
-        (self.run_dir / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        if main:
+            (self.run_dir / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, step: int) -> Rollout:
@@ -303,6 +336,8 @@ class GRPO:
                 raise ValueError(
                     f"a prompt has {len(r.ids)} tokens, over max_prompt_length={c.max_prompt_length}"
                 )
+        N = len(recs) * G
+        mine = self.ranks.rows(N)
         params = [
             SamplingParams(
                 max_new_tokens=c.max_completion_length,
@@ -311,9 +346,9 @@ class GRPO:
                 seed=(c.seed << 40) + step * len(recs) * G + i,
                 logprobs=True,
             )
-            for i in range(len(recs) * G)
+            for i in range(mine.start, mine.stop)
         ]
-        rows = [r for r in recs for _ in range(G)]
+        rows = [r for r in recs for _ in range(G)][mine]
         outs = self.llm.generate([r.ids for r in rows], params)
         prefix = response_prefix(self.tokenizer) if self.prompts.think else ""
         completions = [prefix + o.text for o in outs]
@@ -322,18 +357,33 @@ class GRPO:
         per_func, total = compute_rewards(
             self.rewards, [r.prompt for r in rows], completions, completion_ids, columns
         )
-        adv, zero = group_advantages(total, G, c.scale_rewards)
+        truncated = [o.finish_reason == "length" for o in outs]
+        local = torch.cat(
+            [
+                per_func,
+                total[:, None],
+                torch.tensor([[len(x), t] for x, t in zip(completion_ids, truncated)], dtype=torch.float64),
+            ],
+            dim=1,
+        )
+        every = self.ranks.gather_rows(local)  # [N, F + 3]: the whole step's scores, every rank
+        F = per_func.shape[1]
+        per_func, total = every[:, :F], every[:, F]
+        adv, zero = group_advantages(total, G, c.scale_rewards)  # over whole groups (and the whole batch)
         return Rollout(
             prompt_ids=[r.ids for r in rows],
             completion_ids=completion_ids,
             completions=completions,
             engine_logprobs=[list(o.logprobs or []) for o in outs],
-            truncated=[o.finish_reason == "length" for o in outs],
+            truncated=truncated,
             rewards_per_func=per_func,
             rewards=total,
             advantages=adv.float(),
             is_std_zero=zero,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0,  # after the gather: the slowest rank's time
+            rows=mine,
+            lengths=every[:, F + 1].long(),
+            truncated_all=every[:, F + 2] > 0,
         )
 
     # ------------------------------------------------------------------ training forward
@@ -381,12 +431,16 @@ class GRPO:
         return [slice(i, min(i + m, n)) for i in range(0, n, m)]
 
     def train_on(self, ro: Rollout) -> dict[str, Any]:
-        """num_iterations optimizer updates on one rollout; the step's training metrics."""
+        """num_iterations optimizer updates on one rollout (this rank's rows); the step's training metrics.
+
+        Micro-batch losses are weighted by global counts (all ranks' active tokens for dapo, all N rows
+        otherwise) and gradients summed over ranks: the single-process gradient (dsv3.rl.ranks)."""
         c = self.cfg
-        n = len(ro.completion_ids)
+        n, N = len(ro.completion_ids), len(ro.rewards)
+        advantages = ro.advantages[ro.rows]
         t0 = time.perf_counter()
         parts = [self._batch(ro, s) for s in self._micro(n)]
-        total_tokens = sum(float(b["mask"].sum()) for b in parts)
+        total_tokens = self.ranks.sum([sum(float(b["mask"].sum()) for b in parts)])[0]
         old: list[torch.Tensor | None] = [None] * len(parts)
         ref: list[torch.Tensor | None] = [None] * len(parts)
         with torch.no_grad():
@@ -407,7 +461,7 @@ class GRPO:
                     lp,
                     old_lp,
                     ref[j],
-                    ro.advantages[s].to(self.device),
+                    advantages[s].to(self.device),
                     b["mask"],
                     loss_type=c.loss_type,
                     epsilon=c.epsilon,
@@ -417,20 +471,24 @@ class GRPO:
                     entropy=ent,
                 )
                 rows = s.stop - s.start
-                scale = float(b["mask"].sum()) / max(total_tokens, 1.0) if c.loss_type == "dapo" else rows / n
-                (loss * scale + c.mtp_weight * mtp_loss * rows / n).backward()
+                scale = float(b["mask"].sum()) / max(total_tokens, 1.0) if c.loss_type == "dapo" else rows / N
+                (loss * scale + c.mtp_weight * mtp_loss * rows / N).backward()
                 _accumulate(acc, st, loss, mtp_loss, scale, float(b["mask"].sum()) / max(total_tokens, 1.0))
                 if it == 0:
                     gaps.append(self._gap(ro, s, lp.detach(), b))
             params = [p for g in self.opt.param_groups for p in g["params"]]
+            self.ranks.reduce_gradients(params)
             norm = grad_norm(params)
             if c.max_grad_norm > 0:
                 clip_grads(params, c.max_grad_norm, norm)
             self.opt.step()
             if it == 0:
-                rec = dict(acc, grad_norm=float(norm))
+                keys = sorted(acc)
                 g = torch.cat(gaps) if gaps else torch.zeros(1)
-                rec["logprob_gap_mean"], rec["logprob_gap_max"] = float(g.mean()), float(g.max())
+                summed = self.ranks.sum([acc[k] for k in keys] + [float(g.sum()), g.numel()])
+                rec = dict(zip(keys, summed), grad_norm=float(norm))  # sums of global shares
+                rec["logprob_gap_mean"] = summed[-2] / summed[-1]
+                rec["logprob_gap_max"] = self.ranks.max([float(g.max())])[0]
         rec["train_tokens_per_s"] = c.num_iterations * total_tokens / max(time.perf_counter() - t0, 1e-9)
         return rec
 
@@ -448,6 +506,8 @@ class GRPO:
         end = min(c.steps, stop_at) if stop_at is not None else c.steps
         if self.step == 0:
             self.metrics.write({"type": "run", "event": "start", "step": 0, "config": c.to_dict()})
+            if c.eval_every:
+                self.evaluate()
         bar = tqdm(
             total=c.steps,
             initial=self.step,
@@ -470,6 +530,8 @@ class GRPO:
             bar.set_postfix(
                 reward=f"{rec['reward']:.3f}", kl=rec.get("kl"), len=f"{rec['completion_length_mean']:.1f}"
             )
+            if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+                self.evaluate()
             if self.step % c.checkpoint_every == 0 or self.step == end:
                 self.save()
         bar.close()
@@ -478,8 +540,30 @@ class GRPO:
             self.metrics.write({"type": "run", "event": "stop", "step": self.step})
         return rec
 
+    def evaluate(self) -> dict[str, Any] | None:
+        """Greedy pass@1 on the task's held-out split, on the rollout engine (current weights); written as
+        an "eval" record. Rank 0 evaluates, the other ranks go on (None there)."""
+        if not self.ranks.is_main:
+            return None
+        assert self.prompts.task is not None
+        c = self.cfg
+        ec = EvalConfig(
+            limit=c.eval_samples, samples=0, max_new_tokens=c.max_completion_length, think=self.prompts.think
+        )
+        m = evaluate_task(self.llm, self.prompts.task, ec)
+        rec = {
+            "type": "eval",
+            "step": self.step,
+            "eval_accuracy": m["greedy_pass@1"],
+            "eval_well_formed": m["well_formed"],
+            "eval_response_tokens": m["mean_response_tokens"],
+            "eval_problems": m["problems"],
+        }
+        self.metrics.write(rec)
+        return rec
+
     def step_metrics(self, ro: Rollout) -> dict[str, Any]:
-        lens = torch.tensor([len(x) for x in ro.completion_ids], dtype=torch.float64)
+        lens = ro.lengths.double()
         r = ro.rewards
         rec: dict[str, Any] = {
             "reward": float(torch.nanmean(r)),
@@ -487,7 +571,7 @@ class GRPO:
             "frac_reward_zero_std": float(ro.is_std_zero.float().mean()),
             "completion_length_mean": float(lens.mean()),
             "completion_length_max": int(lens.max()),
-            "truncated_frac": sum(ro.truncated) / len(ro.truncated),
+            "truncated_frac": float(ro.truncated_all.float().mean()),
             "rollout_tokens_per_s": float(lens.sum()) / max(ro.seconds, 1e-9),
             "lr": self.cfg.lr,
         }
@@ -505,12 +589,13 @@ class GRPO:
                     "step": self.step,
                     "prompt": self.tokenizer.decode(ro.prompt_ids[i]),
                     "completion": ro.completions[i],
-                    "reward": float(ro.rewards[i]),
+                    "reward": float(ro.rewards[ro.rows][i]),
                 }
             )
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (the replicas are equal: one full copy); all ranks wait for it."""
         state: dict[str, Any] = {
             "step": self.step,
             "optimizer": self.opt.state_dict(),
@@ -518,7 +603,11 @@ class GRPO:
             "rng": torch.get_rng_state(),
             "config": self.cfg.to_dict(),
         }
-        return self.ckpt.save(self.step, self.policy.state_dict(), state)
+        path = self.ckpt.root / step_dir_name(self.step)
+        if self.ranks.is_main:
+            path = self.ckpt.save(self.step, self.policy.state_dict(), state)
+        self.ranks.barrier()
+        return path
 
     def _resume(self) -> None:
         path = self.ckpt.latest()
@@ -526,6 +615,7 @@ class GRPO:
             raise ValueError(f"--resume: no usable checkpoint in {self.ckpt.root}")
         model_state, state = self.ckpt.load(path)
         free = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "samples_logged"}
+        free |= {"eval_every", "eval_samples"}
         now = self.cfg.to_dict()
         changed = sorted(k for k, v in state["config"].items() if k not in free and now.get(k) != v)
         if changed:
@@ -545,10 +635,16 @@ class GRPO:
         self.log(f"grpo: resumed from {path} at step {self.step}")
 
     def export(self) -> Path:
-        """RUN_DIR/model: the policy as an HF-format directory (fp32, config.json, tokenizer)."""
-        return save_pretrained(
-            self.policy, self.run_dir / "model", dtype=torch.float32, tokenizer=self.tokenizer
-        )
+        """RUN_DIR/model: the policy as an HF-format directory (fp32, config.json, tokenizer); rank 0."""
+        path = self.run_dir / "model"
+        if self.ranks.is_main:
+            save_pretrained(self.policy, path, dtype=torch.float32, tokenizer=self.tokenizer)
+        self.ranks.barrier()
+        return path
+
+
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:
