@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dsv3.inference import LLM
@@ -101,35 +102,80 @@ def score(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvalConfig()
     parser.add_argument("--checkpoint", required=True, help="run directory or HF model directory")
-    parser.add_argument("--task", required=True, help="add, add:digits=5, countdown, or module:function")
+    parser.add_argument("--task", default=None, help="add, add:digits=5, countdown, or module:function")
+    parser.add_argument(
+        "--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy)"
+    )
+    parser.add_argument("--include-path", default=None, help="directory of your own lm_eval YAML tasks")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="lm_eval few-shot examples per prompt")
+    parser.add_argument(
+        "--apply-chat-template", action="store_true", help="lm_eval prompts through the chat template"
+    )
+    parser.add_argument("--output", default=None, help="write the results (and lm_eval samples) as JSON")
     parser.add_argument("--samples", type=int, default=d.samples, help="K samples per problem (0 = greedy)")
     parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument("--top-p", type=float, default=d.top_p)
-    parser.add_argument("--limit", type=int, default=d.limit, help="held-out problems to evaluate")
+    parser.add_argument(
+        "--limit", type=int, default=None, help=f"problems / lm_eval documents per task (--task: {d.limit})"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
         "--no-think", action="store_true", help="prompt without the <think> opening (answer directly)"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    task = get_task(args.task)
-    cfg = EvalConfig(
-        limit=args.limit,
-        samples=args.samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        think=not args.no_think,
-    ).validate()
+    if args.task is None and args.tasks is None:
+        raise ValueError("give --task SPEC (a verifiable task), --tasks LIST (lm_eval tasks), or both")
+    task, cfg, harness, tm = None, None, None, None
+    if args.task is not None:
+        task = get_task(args.task)
+        cfg = EvalConfig(
+            limit=args.limit if args.limit is not None else EvalConfig.limit,
+            samples=args.samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            think=not args.no_think,
+        ).validate()
+    if args.tasks is not None:  # checked (task names included) before the model loads
+        from dsv3.tasks.harness_eval import HarnessConfig, task_manager
+
+        harness = HarnessConfig(
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            include_path=args.include_path,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.max_batch_size,
+            apply_chat_template=args.apply_chat_template,
+        ).validate()
+        tm = task_manager(harness)
     llm = LLM(
         args.checkpoint, dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len
     )
-    metrics = evaluate_task(llm, task, cfg)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "task_spec": args.task, **metrics}), flush=True)
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
+    if task is not None:
+        metrics = evaluate_task(llm, task, cfg)
+        print(json.dumps({"checkpoint": str(args.checkpoint), "task_spec": args.task, **metrics}), flush=True)
+        report["task"] = {"task_spec": args.task, **metrics}
+    results = None
+    if harness is not None:
+        from dsv3.tasks.harness_eval import run_harness, summary, table
+
+        results = run_harness(llm, harness, tm)
+        print(table(results), flush=True)
+        report["tasks"] = summary(results)
+        print(json.dumps({"checkpoint": str(args.checkpoint), "tasks": report["tasks"]}), flush=True)
+    if args.output:
+        from dsv3.tasks.harness_eval import write_results
+
+        if results is not None:
+            write_results(args.output, results, report)
+        else:
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return 0
