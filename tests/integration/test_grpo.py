@@ -98,7 +98,9 @@ def test_engine_samples_with_the_updated_weights(sft, tmp_path):
     shared = dict(rl.engine_model.named_parameters())
     assert all(p.data_ptr() == shared[n].data_ptr() for n, p in rl.policy.named_parameters())
     prompt = rl.prompts.batch(0, 1)[0].ids
-    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True, logprobs=True)
+    params = SamplingParams(
+        max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True, logprobs=0, logprobs_mode="processed"
+    )
     before = rl.llm.generate([prompt], params)[0]
     rl.train_on(rl.rollout(0))  # one optimizer step, in place
     after = rl.llm.generate([prompt], params)[0]

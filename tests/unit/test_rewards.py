@@ -125,7 +125,9 @@ def test_engine_logprobs_match_the_model():
     model = Transformer(ModelConfig.from_preset("debug")).eval()
     llm = LLM(model, max_batch_size=2, max_seq_len=32)
     prompt = [1, 5, 9, 3]
-    params = SamplingParams(max_new_tokens=5, temperature=0.8, seed=3, ignore_eos=True, logprobs=True)
+    params = SamplingParams(
+        max_new_tokens=5, temperature=0.8, seed=3, ignore_eos=True, logprobs=0, logprobs_mode="processed"
+    )
     (out,) = llm.generate([prompt], params)
     assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == 5
     with torch.no_grad():

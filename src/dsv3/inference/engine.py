@@ -7,6 +7,13 @@ request that was already running, and (3) releases finished requests, moving the
 the hole so running requests always occupy slots 0..n-1. Nothing already in the cache is recomputed.
 `step()` returns one `StepOutput` per request that produced tokens; `abort(id)` frees a slot at once.
 
+Log-probabilities come from the same forwards: a generated token's from the logits it was sampled from
+(raw, or processed: SamplingParams.logprobs_mode); a prompt's (`prompt_logprobs`) from the head applied to
+the prefill's hidden states of that request only (the batch's prefill otherwise runs the head at the last
+position alone), in chunks of PROMPT_LOGPROBS_CHUNK positions. A request with max_new_tokens=0 (scoring)
+finishes right after its prefill, finish_reason "length". Speculative mode supports none of these
+(nor logit_bias and penalties): add_request raises ValueError naming the field.
+
 State lives in the Engine instance only (no globals); thread safety is the caller's (the server's) job.
 """
 
@@ -23,9 +30,11 @@ import torch
 from dsv3.inference.cache import LatentKVCache
 from dsv3.inference.generate import ModelRunner
 from dsv3.inference.protocol import RequestOutput, StepOutput, TokenizerProtocol
-from dsv3.inference.sampling import SamplingParams, sample, sampled_logprobs
+from dsv3.inference.sampling import SamplingParams, adjust_logits, log_softmax_rows, sample, top_logprobs
 from dsv3.inference.speculative import SpecStats, speculative_step
 from dsv3.model import Transformer
+
+PROMPT_LOGPROBS_CHUNK = 512  # prompt positions whose [chunk, V] logits are materialised at once
 
 
 @dataclass
@@ -142,8 +151,12 @@ class Engine:
         params = (params or SamplingParams()).validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.logprobs and self._speculative:
-            raise ValueError("logprobs are not recorded in speculative mode")
+        if self._speculative and params.extra_fields():
+            raise ValueError(f"{', '.join(params.extra_fields())}: not supported in speculative mode")
+        V = self.config.vocab_size
+        for k in params.logit_bias:
+            if k >= V:
+                raise ValueError(f"logit_bias token id {k} is not in [0, vocab_size={V})")
         ids = self.encode(prompt)
         gen = None
         if not params.greedy:
@@ -159,8 +172,10 @@ class Engine:
         )
         if self._speculative:
             out.spec = SpecStats(per_position=[0])
-        if params.logprobs:
-            out.logprobs = []
+        if params.logprobs is not None:
+            out.logprobs, out.cumulative_logprob = [], 0.0
+            if params.logprobs > 0:
+                out.top_logprobs = []
         req = _Request(out, params, gen, stop_ids)
         self.requests[request_id] = req
         self.waiting.append(req)
@@ -234,13 +249,19 @@ class Engine:
     def _prefill(self, reqs: list[_Request]) -> None:
         slot = reqs[0].slot
         pre = self.runner.prefill(slot, [r.out.prompt_token_ids for r in reqs])
-        first = sample(pre.logits, [r.params for r in reqs], [r.generator for r in reqs])
-        self._record_logprobs(reqs, pre.logits, first)
+        params = [r.params for r in reqs]
+        adjusted = adjust_logits(pre.logits, params, [[] for _ in reqs])
+        first = sample(adjusted, params, [r.generator for r in reqs])
+        self._record_logprobs(reqs, pre.logits, adjusted, first)
+        self._record_prompt_logprobs(reqs, pre.hidden)
         if self._speculative:
             drafts = self.runner.mtp_prefill(slot, pre, first)
         now = time.perf_counter()
         for b, (r, t) in enumerate(zip(reqs, first.tolist())):
             r.out.first_token_time = now
+            if r.params.max_new_tokens == 0:  # scoring only: nothing is generated
+                self._finish(r, "length", [])
+                continue
             if self._speculative:
                 r.draft_logits = drafts[b]
                 r.out.spec.forwards += 1
@@ -254,8 +275,10 @@ class Engine:
         tokens = torch.tensor([[r.pending] for r in reqs])
         starts = torch.tensor(self.cache.lengths[:n])
         logits, _ = self.runner.decode(tokens, starts)
-        nxt_t = sample(logits[:, -1], [r.params for r in reqs], [r.generator for r in reqs])
-        self._record_logprobs(reqs, logits[:, -1], nxt_t)
+        raw, params = logits[:, -1], [r.params for r in reqs]
+        adjusted = adjust_logits(raw, params, [r.out.token_ids for r in reqs])
+        nxt_t = sample(adjusted, params, [r.generator for r in reqs])
+        self._record_logprobs(reqs, raw, adjusted, nxt_t)
         nxt = nxt_t.tolist()
         for i, (r, t) in enumerate(zip(reqs, nxt)):
             self.cache.lengths[i] += 1
@@ -293,15 +316,51 @@ class Engine:
             self.spec_stats.add(st)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _record_logprobs(self, reqs: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append each sampled token's log-probability for the requests that asked for them."""
-        rows = [i for i, r in enumerate(reqs) if r.out.logprobs is not None]
+    def _record_logprobs(
+        self, reqs: list[_Request], raw: torch.Tensor, adjusted: torch.Tensor, tokens: torch.Tensor
+    ) -> None:
+        """Append each sampled token's log-probability (and top alternatives) for the requests that asked
+        for them. raw: the model's logits [n, V]; adjusted: after logit_bias and penalties."""
+        rows = [i for i, r in enumerate(reqs) if r.out.logprobs is not None and r.params.max_new_tokens > 0]
         if not rows:
             return
-        idx = torch.tensor(rows, device=logits.device)
-        lp = sampled_logprobs(logits[idx], [reqs[i].params for i in rows], tokens[idx.to(tokens.device)])
-        for i, v in zip(rows, lp.tolist()):
-            reqs[i].out.logprobs.append(v)
+        idx = torch.tensor(rows, device=raw.device)
+        sub = [reqs[i].params for i in rows]
+        logp = log_softmax_rows(raw[idx], adjusted[idx], sub)
+        chosen, tops = top_logprobs(logp, tokens[idx.to(tokens.device)], [p.logprobs or 0 for p in sub])
+        for i, c, t in zip(rows, chosen, tops):
+            out = reqs[i].out
+            out.logprobs.append(c)
+            out.cumulative_logprob += c
+            if out.top_logprobs is not None:
+                out.top_logprobs.append(t)
+
+    def _record_prompt_logprobs(self, reqs: list[_Request], hidden: torch.Tensor) -> None:
+        """Raw log-probabilities of the prompt tokens of the requests that asked (hidden [n, P, D] from
+        the prefill): position i scores token i + 1; the first token has none."""
+        for b, r in enumerate(reqs):
+            k = r.params.prompt_logprobs
+            if k is None:
+                continue
+            ids = r.out.prompt_token_ids
+            targets = torch.tensor(ids[1:], dtype=torch.long)
+            lps: list[float | None] = [None]
+            tops: list[dict[int, float] | None] = [None]
+            for s in range(0, len(ids) - 1, PROMPT_LOGPROBS_CHUNK):
+                e = min(len(ids) - 1, s + PROMPT_LOGPROBS_CHUNK)
+                logp = torch.log_softmax(self.runner.head(hidden[b, s:e]), dim=-1)
+                chosen, top = top_logprobs(logp, targets[s:e], [k] * (e - s))
+                lps += chosen
+                tops += top
+            r.out.prompt_logprobs = lps
+            r.out.prompt_top_logprobs = tops if k > 0 else None
+
+    def _finish(self, r: _Request, reason: str, text_ids: list[int] | None) -> None:
+        out = r.out
+        out.finished, out.finish_reason = True, reason
+        out.finish_time = time.perf_counter()
+        if self.tokenizer is not None and text_ids is not None:
+            out.text = self._detok(text_ids)
 
     def _commit(self, r: _Request, token: int) -> bool:
         """Append one token and apply the stop rules; True when the request is finished."""
@@ -323,10 +382,7 @@ class Engine:
         if reason is None and len(out.prompt_token_ids) + len(out.token_ids) >= self.max_seq_len:
             reason = "length"
         if reason is not None:
-            out.finished, out.finish_reason = True, reason
-            out.finish_time = time.perf_counter()
-            if self.tokenizer is not None and text_ids is not None:
-                out.text = self._detok(text_ids)
+            self._finish(r, reason, text_ids)
         return reason is not None
 
     def _detok(self, ids: list[int]) -> str:

@@ -67,6 +67,11 @@ class ModelRunner:
             self.cache.lengths[slot + b] = len(p)
         return PrefillResult(last.float(), out.hidden, ids, lengths)
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states [..., D] -> logits [..., V] fp32 (the model's head)."""
+        with self.no_grad():
+            return self.model.head(hidden).float()
+
     def mtp_prefill(self, slot: int, pre: PrefillResult, next_tokens: torch.Tensor) -> torch.Tensor:
         """Fill the MTP cache layer over the prompts; next_tokens [n] are the tokens sampled after them.
 

@@ -37,7 +37,14 @@ class RequestOutput:
     finish_time: float | None = None
     spec: SpecStats | None = None  # speculative statistics (speculative mode only)
     error: str | None = None  # why the request failed (finish_reason "error": e.g. its worker died)
-    logprobs: list[float] | None = None  # per generated token (SamplingParams.logprobs), else None
+    # SamplingParams.logprobs (mode as requested): per generated token, its log-probability; with logprobs
+    # > 0 also its top alternatives (the chosen token included, most likely first); their running sum
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    # SamplingParams.prompt_logprobs (raw, one prefill): per prompt token, None for the first one
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def time_to_first_token(self) -> float | None:
