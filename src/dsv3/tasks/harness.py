@@ -88,7 +88,8 @@ class DSV3LM(TemplateLM):
         if isinstance(pretrained, LLM):
             self.llm = pretrained
         else:
-            if device in (None, "", "auto"):
+            no_gpu = str(device).startswith("cuda") and not torch.cuda.is_available()
+            if device in (None, "", "auto") or no_gpu:  # lm_eval's CLI asks for cuda by default
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             seq = None if max_length is None else _positive_int("max_length", max_length)
             self.llm = LLM(pretrained, dtype=dtype, max_batch_size=batch, max_seq_len=seq, device=device)
