@@ -274,6 +274,8 @@ class DisaggEngine:
         params = (params or SamplingParams()).validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.extra_fields():  # the workers return tokens only
+            raise ValueError(f"{', '.join(params.extra_fields())}: not supported by the disaggregated engine")
         ids = self.encode(prompt)
         if not params.greedy and params.seed is None:
             params = dataclasses.replace(params, seed=int(torch.randint(2**62, (1,), generator=self._rng)))

@@ -401,7 +401,10 @@ class Engine:
         delta = text[r.emitted_text : end] if end > r.emitted_text else ""
         r.emitted_text = max(r.emitted_text, end)
         new, r.new_tokens = r.new_tokens, []
-        return StepOutput(out.request_id, new, delta, out.finished, out.finish_reason, out)
+        k = len(new)
+        new_lp = out.logprobs[len(out.logprobs) - k :] if out.logprobs is not None else None
+        new_top = out.top_logprobs[len(out.top_logprobs) - k :] if out.top_logprobs is not None else None
+        return StepOutput(out.request_id, new, delta, out.finished, out.finish_reason, out, new_lp, new_top)
 
     def _release(self, r: _Request) -> None:
         s, last = r.slot, len(self.running) - 1

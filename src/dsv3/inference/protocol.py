@@ -73,6 +73,10 @@ class StepOutput:
     finished: bool
     finish_reason: str | None
     output: RequestOutput
+    # the new tokens' log-probabilities and top alternatives, copied at this step (`output` is the live
+    # object and may have moved on by the time a consumer on another thread reads it); None: not asked
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[dict[int, float]] | None = None
 
 
 @runtime_checkable

@@ -26,21 +26,25 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv3.chat import DEEPSEEK_V3_CHAT_TEMPLATE, render
-from dsv3.inference.protocol import EngineProtocol, StepOutput
+from dsv3.inference.protocol import EngineProtocol, RequestOutput, StepOutput, TokenizerProtocol
 from dsv3.inference.sampling import SamplingParams
+from dsv3.serving import logprobs as lp_layout
 from dsv3.serving.async_engine import AsyncEngine, EngineError, QueueFullError
 from dsv3.serving.guard import BodyLimit, Drain
 from dsv3.serving.metrics import ServerMetrics
+from dsv3.serving.schema import ChatMessage, ChatRequest, CompletionRequest, _Common
 from dsv3.tokenizer import Tokenizer
+
+__all__ = ["APIError", "ChatMessage", "ServerState", "create_app"]
 
 
 class APIError(Exception):
@@ -58,38 +62,6 @@ class APIError(Exception):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-class _Common(BaseModel):
-    # unknown OpenAI fields are ignored, as OpenAI-compatible servers do; known ones are typed strictly
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None)
-    max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)  # what torch.Generator takes
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
 
 
 _TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")  # message fields passed on to the chat template
@@ -116,10 +88,14 @@ class ServerState:
         api_key: str | None,
         chat_template: str | None = None,
         chat_tokenizer: Tokenizer | None = None,
+        tokenizer: TokenizerProtocol | None = None,
     ):
         """chat_template: None is DeepSeek-V3's. chat_tokenizer: encodes the rendered chat with its special
-        tokens parsed (BOS from the template); without one the text goes through the engine's encode."""
+        tokens parsed (BOS from the template); without one the text goes through the engine's encode.
+        tokenizer: the engine's (token strings in logprobs, echoed id prompts)."""
         self.engine = async_engine
+        self.tokenizer = tokenizer
+        self.tokens = lp_layout.TokenStrings(tokenizer)
         self.model_name = model_name
         self.api_key = api_key
         self.chat_template = chat_template if chat_template is not None else DEEPSEEK_V3_CHAT_TEMPLATE
@@ -167,15 +143,15 @@ class ServerState:
             raise APIError(400, str(e), param="messages") from e
         return self.encode(text if tok is None else ids, "messages")
 
-    def params(self, req: _Common, prompt_len: int) -> SamplingParams:
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
+    def max_tokens(self, req: _Common, prompt_len: int, allow_zero: bool = False) -> int:
+        """The request's completion budget, checked against the context (0 only when allow_zero: echo)."""
         max_seq = self.core.max_seq_len
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(256, max_seq - prompt_len))
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if max_tokens < (0 if allow_zero else 1):
+            hint = "" if allow_zero else " (0 only with echo, to score the prompt)"
+            raise APIError(400, f"max_tokens must be at least 1{hint}, got {max_tokens}", param="max_tokens")
         if prompt_len + max_tokens > max_seq:
             raise APIError(
                 400,
@@ -185,6 +161,15 @@ class ServerState:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        return max_tokens
+
+    def params(
+        self,
+        req: _Common,
+        max_tokens: int,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
@@ -196,9 +181,18 @@ class ServerState:
                 top_k=req.top_k,
                 stop=stop,
                 seed=req.seed,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=req.bias(),
             ).validate()
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            msg = str(e)
+            param = next(
+                (f for f in ("logit_bias", "presence_penalty", "frequency_penalty") if f in msg), None
+            )
+            raise APIError(400, msg, param=param) from e
 
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
         try:
@@ -306,18 +300,95 @@ def create_app(state: ServerState) -> FastAPI:
                     param="prompt",
                     code="context_length_exceeded",
                 )
+        if (name := req.unsupported("completions")) is not None:
+            raise APIError(400, _unsupported_msg(name), param=name, code="unsupported_parameter")
+        n, best_of = req.n, req.best_of if req.best_of is not None else req.n
+        if best_of < n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+        if req.stream and best_of > n:
+            raise APIError(400, "best_of > n cannot be streamed", param="best_of")
+        if len(prompts) * best_of > state.max_prompts:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x {best_of} samples in one request; this server takes at most "
+                f"{state.max_prompts} (--max-batch-size + --max-queue)",
+                param="n",
+            )
         # tokenization is CPU work: off the event loop, so other requests (and /health) go on
         ids = await asyncio.to_thread(lambda: [state.encode(p, "prompt") for p in prompts])
-        params = [state.params(req, len(i)) for i in ids]
-        return await _run(state, request, req, ids, params, chat=False)
+        echo = bool(req.echo)
+        items = []
+        for i in ids:
+            mt = state.max_tokens(req, len(i), allow_zero=echo)
+            lp = req.logprobs if req.logprobs is not None else (0 if best_of > n else None)
+            plp = (req.logprobs or 0) if echo and (req.logprobs is not None or mt == 0) else None
+            items += [(i, p) for p in fan_out(state.params(req, mt, lp, plp), best_of)]
+        tok = state.tokenizer
+        bos = tok.bos_id if tok is not None else None
+        plan = _Plan(
+            chat=False,
+            n=n,
+            best_of=best_of,
+            prompt_lens=[len(i) for i in ids],
+            logprobs=req.logprobs,
+            echo=[
+                (p if isinstance(p, str) else (tok.decode(i) if tok is not None else ""))
+                for p, i in zip(prompts, ids)
+            ]
+            if echo
+            else None,
+            zero_width=[
+                int(isinstance(p, str) and bos is not None and i[0] == bos) for p, i in zip(prompts, ids)
+            ],
+        )
+        return await _run(state, request, req, items, plan)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(state, req.model)
+        if (name := req.unsupported("chat")) is not None:
+            raise APIError(400, _unsupported_msg(name), param=name, code="unsupported_parameter")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.n > state.max_prompts:
+            raise APIError(400, f"n={req.n}; this server takes at most {state.max_prompts}", param="n")
         ids = await asyncio.to_thread(state.chat_ids, req.messages)  # rendering + tokenizing: off the loop
-        return await _run(state, request, req, [ids], [state.params(req, len(ids))], chat=True)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = state.params(req, state.max_tokens(req, len(ids)), logprobs=k)
+        items = [(ids, p) for p in fan_out(params, req.n)]
+        plan = _Plan(chat=True, n=req.n, best_of=req.n, prompt_lens=[len(ids)], logprobs=k)
+        return await _run(state, request, req, items, plan)
 
     return app
+
+
+def _unsupported_msg(name: str) -> str:
+    return f"`{name}` is not supported by this server (dsv3); remove it from the request"
+
+
+def derive_seed(seed: int | None, i: int) -> int | None:
+    """Sample i's seed: the request's own for sample 0, a distinct reproducible one for the others."""
+    if seed is None or i == 0:
+        return seed
+    return (seed ^ (i * 0x9E3779B97F4A7C15)) % 2**63
+
+
+def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """count samples of one prompt (n / best_of), each with its own seed (derive_seed)."""
+    return [replace(params, seed=derive_seed(params.seed, i)) for i in range(count)]
+
+
+@dataclass
+class _Plan:
+    """How engine outputs (prompt p's samples at items p*best_of ..) become choices."""
+
+    chat: bool
+    n: int
+    best_of: int
+    prompt_lens: list[int]
+    logprobs: int | None  # completions: `logprobs`; chat: top_logprobs when logprobs is true; else None
+    echo: list[str] | None = None  # completions with echo: each prompt's text
+    zero_width: list[int] | None = None  # per prompt: 1 when its first token is an added BOS
 
 
 def _check_model(state: ServerState, name: str | None) -> None:
@@ -329,15 +400,14 @@ async def _run(
     state: ServerState,
     request: Request,
     req: _Common,
-    ids: list[list[int]],
-    params: list[SamplingParams],
-    chat: bool,
+    items: list[tuple[list[int], SamplingParams]],
+    plan: _Plan,
 ):
     queue: asyncio.Queue = asyncio.Queue()
     rids: list[str] = []
     state.metrics.inc("requests_total")
     try:  # all prompts of the request or none
-        rids = state.engine.submit_all(list(zip(ids, params)), queue)
+        rids = state.engine.submit_all(items, queue)
     except QueueFullError:
         state.metrics.inc("requests_rejected")
         raise APIError(
@@ -346,17 +416,15 @@ async def _run(
             type_="rate_limit_error",
             code="queue_full",
         ) from None
-    cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    cid = ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            _stream(state, request, queue, rids, cid, created, chat, include_usage, [len(i) for i in ids]),
+            _stream(state, request, queue, rids, cid, created, plan, include_usage),
             media_type="text/event-stream",
         )
-    texts = [""] * len(rids)
-    reasons: list[str | None] = [None] * len(rids)
-    completion_tokens = 0
+    outs: list[RequestOutput | None] = [None] * len(rids)
     done = 0
     try:
         while done < len(rids):
@@ -366,38 +434,49 @@ async def _run(
                 kind = "server_error" if status >= 500 else "invalid_request_error"
                 raise APIError(status, item.message, type_=kind, code=item.code)
             if item.finished:
-                texts[idx] = item.output.text
-                reasons[idx] = item.finish_reason
-                completion_tokens += len(item.output.token_ids)
+                outs[idx] = item.output
                 done += 1
     finally:
         for rid in rids:
             state.engine.abort(rid)
-    usage = {
-        "prompt_tokens": sum(len(i) for i in ids),
-        "completion_tokens": completion_tokens,
-        "total_tokens": sum(len(i) for i in ids) + completion_tokens,
-    }
-    if chat:
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-            for i, (t, r) in enumerate(zip(texts, reasons))
-        ]
-        obj = "chat.completion"
-    else:
-        choices = [
-            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-            for i, (t, r) in enumerate(zip(texts, reasons))
-        ]
-        obj = "text_completion"
+    choices = []
+    for p in range(len(plan.prompt_lens)):
+        group = outs[p * plan.best_of : (p + 1) * plan.best_of]
+        if plan.best_of > plan.n:  # the n most likely samples (cumulative raw log-probability)
+            group = sorted(group, key=lambda o: -(o.cumulative_logprob or 0.0))[: plan.n]
+        for j, o in enumerate(group):
+            choices.append(_choice(state, plan, p, p * plan.n + j, o))
+    # usage: each prompt once; every generated token, best_of's discarded samples included (they were run)
+    pt = sum(plan.prompt_lens)
+    ct = sum(len(o.token_ids) for o in outs)
     return {
         "id": cid,
-        "object": obj,
+        "object": "chat.completion" if plan.chat else "text_completion",
         "created": created,
         "model": state.model_name,
         "choices": choices,
-        "usage": usage,
+        "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
     }
+
+
+def _choice(state: ServerState, plan: _Plan, p: int, index: int, o: RequestOutput) -> dict:
+    ts = state.tokens
+    if plan.chat:
+        lps = None
+        if plan.logprobs is not None:
+            lps = lp_layout.chat(ts, o.token_ids, o.logprobs, o.top_logprobs, plan.logprobs)
+        msg = {"role": "assistant", "content": o.text}
+        return {"index": index, "message": msg, "logprobs": lps, "finish_reason": o.finish_reason}
+    prefix = plan.echo[p] if plan.echo is not None else ""
+    lps = None
+    if plan.logprobs is not None:
+        lps = lp_layout.legacy(ts, o.token_ids, o.logprobs, o.top_logprobs, start=len(prefix))
+        if plan.echo is not None:
+            pre = lp_layout.legacy(
+                ts, o.prompt_token_ids, o.prompt_logprobs, o.prompt_top_logprobs, 0, plan.zero_width[p]
+            )
+            lps = lp_layout.concat(pre, lps)
+    return {"index": index, "text": prefix + o.text, "logprobs": lps, "finish_reason": o.finish_reason}
 
 
 async def _next(
@@ -421,32 +500,47 @@ async def _stream(
     rids: list[str],
     cid: str,
     created: int,
-    chat: bool,
+    plan: _Plan,
     include_usage: bool,
-    prompt_lens: list[int],
 ) -> AsyncIterator[str]:
-    def chunk(idx: int, text: str | None, reason: str | None, first: bool = False) -> str:
+    """Server-sent events: one chunk per engine step and choice (index = the choice), with that step's
+    tokens' logprobs when asked; an echoed prompt comes first in its choice's first chunk."""
+    chat, ts = plan.chat, state.tokens
+    offsets = [0] * len(rids)  # completions: characters of each choice's text sent so far
+    started = [False] * len(rids)
+
+    def chunk(
+        idx: int, text: str | None, reason: str | None, logprobs: dict | None, first: bool = False
+    ) -> str:
         if chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": idx, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": idx, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": idx, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             obj = "text_completion"
         body = {"id": cid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
         if include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
+    def step_logprobs(idx: int, o: StepOutput) -> dict | None:
+        if plan.logprobs is None or not o.new_token_ids:
+            return None
+        lps, tops = o.new_logprobs or [], o.new_top_logprobs  # this step's, not the live output's
+        if chat:
+            return lp_layout.chat(ts, o.new_token_ids, lps, tops, plan.logprobs)
+        return lp_layout.legacy(ts, o.new_token_ids, lps, tops, start=offsets[idx])
+
     done, completion_tokens = 0, 0
     try:
         if chat:
             for i in range(len(rids)):
-                yield chunk(i, "", None, first=True)
+                yield chunk(i, "", None, None, first=True)
         while done < len(rids):
             idx, item = await _next(queue, request, rids, state)
             if isinstance(item, EngineError):
@@ -454,14 +548,33 @@ async def _stream(
                 yield f"data: {json.dumps(err)}\n\n"
                 done += 1
                 continue
-            if item.new_text:
-                yield chunk(idx, item.new_text, None)
+            if not started[idx] and plan.echo is not None:
+                p = idx // plan.n
+                o = item.output
+                pre = None
+                if plan.logprobs is not None:
+                    pre = lp_layout.legacy(
+                        ts,
+                        o.prompt_token_ids,
+                        o.prompt_logprobs,
+                        o.prompt_top_logprobs,
+                        0,
+                        plan.zero_width[p],
+                    )
+                offsets[idx] = len(plan.echo[p])
+                yield chunk(idx, plan.echo[p], None, pre)
+            started[idx] = True
+            lps = step_logprobs(idx, item)
+            if item.new_text or lps is not None:
+                yield chunk(idx, item.new_text, None, lps)
+                if lps is not None and not chat:  # the next chunk's text_offset starts after these tokens
+                    offsets[idx] = lps["text_offset"][-1] + len(lps["tokens"][-1])
             if item.finished:
                 completion_tokens += len(item.output.token_ids)
-                yield chunk(idx, None if chat else "", item.finish_reason)
+                yield chunk(idx, None if chat else "", item.finish_reason, None)
                 done += 1
         if include_usage:
-            pt = sum(prompt_lens)
+            pt = sum(plan.prompt_lens)
             usage = {
                 "prompt_tokens": pt,
                 "completion_tokens": completion_tokens,

@@ -211,6 +211,8 @@ class AsyncEngine:
                     self._send(sub, EngineError(o.request_id, f"engine error: {why}"))
                     continue
                 n = len(o.new_token_ids)
+                if o.finished and not o.output.token_ids and sub.last_token_time is None:  # scored only
+                    self.metrics.inc("prompt_tokens", len(o.output.prompt_token_ids))
                 if n:
                     if sub.last_token_time is None:
                         self.metrics.observe("ttft", now - o.output.arrival_time)

@@ -102,7 +102,9 @@ def load_state(
     # chat: the directory's template, else the tokenizer's (DeepSeek-V3's unless its files name another)
     chat_tok = engine_tok if isinstance(engine_tok, Tokenizer) else None
     template = _chat_template(model_dir) or (chat_tok.chat_template if chat_tok is not None else None)
-    state = ServerState(AsyncEngine(engine, max_queue=max_queue), model_name, api_key, template, chat_tok)
+    state = ServerState(
+        AsyncEngine(engine, max_queue=max_queue), model_name, api_key, template, chat_tok, engine_tok
+    )
     state.max_body_bytes, state.protect_metrics = max_body_bytes, protect_metrics
     return state
 
