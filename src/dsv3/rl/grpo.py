@@ -344,7 +344,8 @@ class GRPO:
                 temperature=c.temperature,
                 top_p=c.top_p,
                 seed=(c.seed << 40) + step * len(recs) * G + i,
-                logprobs=True,
+                logprobs=0,
+                logprobs_mode="processed",
             )
             for i in range(mine.start, mine.stop)
         ]
