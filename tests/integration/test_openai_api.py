@@ -273,3 +273,23 @@ def test_unsupported_fields_get_400(server, endpoint, extra, name):
     assert ok.status_code == 200, ok.text  # a no-op value is accepted
     bad = httpx.post(base + url, json={**body, "max_tokens": 2}, headers={"Authorization": "Bearer sk-wrong"})
     assert bad.status_code == 401  # the key is still checked (hmac.compare_digest)
+
+
+def test_streaming_echo_and_chat_logprobs(client):
+    kw = dict(model=MODEL, prompt="KING:", max_tokens=4, temperature=0, echo=True, logprobs=1)
+    full = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == full.text
+    streamed = [t for c in chunks if c.logprobs is not None for t in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(full.logprobs.token_logprobs[1:], abs=1e-6)
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == full.logprobs.text_offset
+    ckw = dict(model=MODEL, messages=[{"role": "user", "content": "Speak"}], max_tokens=4, temperature=0)
+    cfull = client.chat.completions.create(logprobs=True, top_logprobs=1, **ckw).choices[0].logprobs.content
+    cstream = [
+        e.logprob
+        for ch in client.chat.completions.create(stream=True, logprobs=True, top_logprobs=1, **ckw)
+        for c in ch.choices
+        if c.logprobs is not None
+        for e in c.logprobs.content
+    ]
+    assert cstream == pytest.approx([e.logprob for e in cfull], abs=1e-6)

@@ -26,7 +26,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +38,7 @@ from dsv3.inference.protocol import EngineProtocol, RequestOutput, StepOutput, T
 from dsv3.inference.sampling import SamplingParams
 from dsv3.serving import logprobs as lp_layout
 from dsv3.serving.async_engine import AsyncEngine, EngineError, QueueFullError
+from dsv3.serving.choices import Plan, choice, fan_out
 from dsv3.serving.guard import BodyLimit, Drain
 from dsv3.serving.metrics import ServerMetrics
 from dsv3.serving.schema import ChatMessage, ChatRequest, CompletionRequest, _Common
@@ -325,7 +325,7 @@ def create_app(state: ServerState) -> FastAPI:
             items += [(i, p) for p in fan_out(state.params(req, mt, lp, plp), best_of)]
         tok = state.tokenizer
         bos = tok.bos_id if tok is not None else None
-        plan = _Plan(
+        plan = Plan(
             chat=False,
             n=n,
             best_of=best_of,
@@ -356,7 +356,7 @@ def create_app(state: ServerState) -> FastAPI:
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = state.params(req, state.max_tokens(req, len(ids)), logprobs=k)
         items = [(ids, p) for p in fan_out(params, req.n)]
-        plan = _Plan(chat=True, n=req.n, best_of=req.n, prompt_lens=[len(ids)], logprobs=k)
+        plan = Plan(chat=True, n=req.n, best_of=req.n, prompt_lens=[len(ids)], logprobs=k)
         return await _run(state, request, req, items, plan)
 
     return app
@@ -364,31 +364,6 @@ def create_app(state: ServerState) -> FastAPI:
 
 def _unsupported_msg(name: str) -> str:
     return f"`{name}` is not supported by this server (dsv3); remove it from the request"
-
-
-def derive_seed(seed: int | None, i: int) -> int | None:
-    """Sample i's seed: the request's own for sample 0, a distinct reproducible one for the others."""
-    if seed is None or i == 0:
-        return seed
-    return (seed ^ (i * 0x9E3779B97F4A7C15)) % 2**63
-
-
-def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
-    """count samples of one prompt (n / best_of), each with its own seed (derive_seed)."""
-    return [replace(params, seed=derive_seed(params.seed, i)) for i in range(count)]
-
-
-@dataclass
-class _Plan:
-    """How engine outputs (prompt p's samples at items p*best_of ..) become choices."""
-
-    chat: bool
-    n: int
-    best_of: int
-    prompt_lens: list[int]
-    logprobs: int | None  # completions: `logprobs`; chat: top_logprobs when logprobs is true; else None
-    echo: list[str] | None = None  # completions with echo: each prompt's text
-    zero_width: list[int] | None = None  # per prompt: 1 when its first token is an added BOS
 
 
 def _check_model(state: ServerState, name: str | None) -> None:
@@ -401,7 +376,7 @@ async def _run(
     request: Request,
     req: _Common,
     items: list[tuple[list[int], SamplingParams]],
-    plan: _Plan,
+    plan: Plan,
 ):
     queue: asyncio.Queue = asyncio.Queue()
     rids: list[str] = []
@@ -445,7 +420,7 @@ async def _run(
         if plan.best_of > plan.n:  # the n most likely samples (cumulative raw log-probability)
             group = sorted(group, key=lambda o: -(o.cumulative_logprob or 0.0))[: plan.n]
         for j, o in enumerate(group):
-            choices.append(_choice(state, plan, p, p * plan.n + j, o))
+            choices.append(choice(state.tokens, plan, p, p * plan.n + j, o))
     # usage: each prompt once; every generated token, best_of's discarded samples included (they were run)
     pt = sum(plan.prompt_lens)
     ct = sum(len(o.token_ids) for o in outs)
@@ -457,26 +432,6 @@ async def _run(
         "choices": choices,
         "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
     }
-
-
-def _choice(state: ServerState, plan: _Plan, p: int, index: int, o: RequestOutput) -> dict:
-    ts = state.tokens
-    if plan.chat:
-        lps = None
-        if plan.logprobs is not None:
-            lps = lp_layout.chat(ts, o.token_ids, o.logprobs, o.top_logprobs, plan.logprobs)
-        msg = {"role": "assistant", "content": o.text}
-        return {"index": index, "message": msg, "logprobs": lps, "finish_reason": o.finish_reason}
-    prefix = plan.echo[p] if plan.echo is not None else ""
-    lps = None
-    if plan.logprobs is not None:
-        lps = lp_layout.legacy(ts, o.token_ids, o.logprobs, o.top_logprobs, start=len(prefix))
-        if plan.echo is not None:
-            pre = lp_layout.legacy(
-                ts, o.prompt_token_ids, o.prompt_logprobs, o.prompt_top_logprobs, 0, plan.zero_width[p]
-            )
-            lps = lp_layout.concat(pre, lps)
-    return {"index": index, "text": prefix + o.text, "logprobs": lps, "finish_reason": o.finish_reason}
 
 
 async def _next(
@@ -500,7 +455,7 @@ async def _stream(
     rids: list[str],
     cid: str,
     created: int,
-    plan: _Plan,
+    plan: Plan,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per engine step and choice (index = the choice), with that step's
