@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dsv3.serving.cli", "OpenAI-compatible HTTP server over the inference engine"),
     "convert": ("dsv3.checkpoint.cli", "convert checkpoints (HF <-> native, BF16 <-> FP8)"),
     "plan": ("dsv3.plan.cli", "analytic cost model; `dsv3 plan pipeline` simulates pipeline schedules"),
-    "plot": ("dsv3.train.plot", "plot a run's loss curves and expert-load heatmap"),
+    "plot": ("dsv3.train.plot", "plot a run's loss curves and expert-load heatmap; GRPO reward curves"),
     "eval": ("dsv3.tasks.evaluate", "greedy pass@1 and sampled pass@k on a task's held-out split"),
     "distill": ("dsv3.tasks.distill", "distillation data by rejection sampling from a teacher"),
     "rm": ("dsv3.rl.rm_cli", "train a reward model on preference pairs (Bradley-Terry, pairwise accuracy)"),
