@@ -6,6 +6,9 @@ prints one JSON line: greedy_pass@1, pass@1 and pass@K from K samples per proble
 fraction of well-formed greedy answers and mean response lengths in tokens. Every prompt of the split
 (greedy and sampled) goes through the engine in one batched run.
 
+`--tasks hellaswag,arc_easy` runs lm-evaluation-harness tasks in the same process on the same engine,
+alone or with `--task` (dsv3.tasks.harness_eval; `--include-path`, `--num-fewshot`, `--output FILE`).
+
 pass@k is the unbiased estimator of the Codex paper (Chen et al., 2021): with n samples of which c are
 correct, pass@k = 1 - C(n-c, k) / C(n, k), averaged over problems; computed as a product,
 1 - prod_{i=n-c+1..n} (1 - k/i), which stays exact where the binomials would overflow.
