@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from importlib import resources
 from types import SimpleNamespace
 
@@ -18,7 +20,7 @@ from dsv3.checkpoint import save_pretrained  # noqa: E402
 from dsv3.cli import main  # noqa: E402
 from dsv3.inference import LLM  # noqa: E402
 from dsv3.tasks.harness import DSV3LM  # noqa: E402
-from dsv3.tasks.harness_eval import HarnessConfig, task_manager  # noqa: E402
+from dsv3.tasks.harness_eval import HarnessConfig  # noqa: E402
 from dsv3.tokenizer import Tokenizer  # noqa: E402
 
 TEXT = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:30000]
@@ -152,12 +154,17 @@ def test_registered_and_built_from_a_directory(setup, tmp_path):
 
 
 def test_unknown_task_named_with_the_places_searched(tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"unknown lm_eval task\(s\) \['no_such_task'\].*looked in"):
-        task_manager(HarnessConfig(tasks=["no_such_task"], include_path=str(tmp_path)).validate())
     with pytest.raises(ValueError, match="include-path"):
         HarnessConfig(tasks=["x"], include_path=str(tmp_path / "missing")).validate()
-    # the CLI checks before loading anything: the checkpoint does not even exist
-    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--tasks", "no_such_task"]) == 2
-    assert "unknown lm_eval task" in capsys.readouterr().err
+    # the CLI checks the names before loading anything: the checkpoint does not even exist
+    argv = ["eval", "--checkpoint", str(tmp_path / "none"), "--tasks", "arc_easy,no_such_task"]
+    assert main([*argv, "--include-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm_eval task(s) ['no_such_task']: looked in" in err and str(tmp_path) in err
     assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "--tasks LIST" in capsys.readouterr().err
+
+
+def test_import_dsv3_never_needs_lm_eval():
+    code = "import sys, dsv3, dsv3.tasks, dsv3.tasks.evaluate, dsv3.cli; assert 'lm_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
