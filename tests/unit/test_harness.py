@@ -168,3 +168,8 @@ def test_unknown_task_named_with_the_places_searched(tmp_path, capsys):
 def test_import_dsv3_never_needs_lm_eval():
     code = "import sys, dsv3, dsv3.tasks, dsv3.tasks.evaluate, dsv3.cli; assert 'lm_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_model_argument_is_an_error():
+    with pytest.raises(TypeError, match="pretraind"):
+        DSV3LM.create_from_arg_string("pretraind=x", {"batch_size": 1, "max_batch_size": 4})

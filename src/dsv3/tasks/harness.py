@@ -69,7 +69,8 @@ class DSV3LM(TemplateLM):
     """An lm_eval LM over a dsv3.LLM: loglikelihood, loglikelihood_rolling, generate_until, batched.
 
     pretrained: a run or HF model directory (or a loaded dsv3.LLM); batch_size: sequences the engine runs
-    together; max_length: context (default: the model's, at most 4096); dtype: float32 | bfloat16."""
+    together; max_length: context (default: the model's, at most 4096); dtype: float32 | bfloat16. An
+    unknown model argument is a TypeError, not silently ignored."""
 
     def __init__(
         self,
@@ -80,7 +81,7 @@ class DSV3LM(TemplateLM):
         device: str | None = None,
         seed: int | str = 1234,
         max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
-        **_ignored: Any,  # lm_eval passes max_batch_size etc. to every model; the engine needs none
+        max_batch_size: int | str | None = None,  # lm_eval's cap for batch_size=auto: auto is 8 here
     ):
         super().__init__()
         batch = 8 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else batch_size
