@@ -140,6 +140,8 @@ def test_generate_until_equals_greedy_reference(setup):
         for s in kw["until"]:
             want = want.split(s)[0]
         assert text == want
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        lm.generate_until([req("x", {"until": ["\n"], "repetition_penalty": 1.1})])
 
 
 def test_registered_and_built_from_a_directory(setup, tmp_path):

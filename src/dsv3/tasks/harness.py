@@ -205,6 +205,8 @@ class DSV3LM(TemplateLM):
             stop=until,
             seed=self.seed,
         ).validate()
+        if kw:  # as vLLM's backend: a generation setting the engine does not have is an error
+            raise ValueError(f"generation kwargs dsv3's engine does not support: {sorted(kw)}")
         return params, until
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
