@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format install clean
+.PHONY: run test lint format install clean posttrain
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/dsv3 train --preset tiny --out runs/tiny --overwrite
+
+# SFT then GRPO on the add task, from scratch on the CPU (scripts/posttrain.sh; settings as env variables)
+posttrain: $(STAMP)
+	DSV3=$(VENV)/bin/dsv3 PY=$(PY) bash scripts/posttrain.sh
 
 test: $(STAMP)
 	$(PY) -m pytest
