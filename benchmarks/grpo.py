@@ -2,7 +2,8 @@
 
 One run, every dsv3 stage through its CLI entry point or Python API in this process:
 
-1. base: `dsv3 train --preset debug --steps 3` (a run directory with a tokenizer, weights near random);
+1. base: `dsv3 train --preset debug --steps 3` at hidden_size 128, 3 layers (0.4M parameters; a run
+   directory with a tokenizer, weights near random);
 2. SFT: `dsv3 sft` on gold bare-answer records of add:digits=D, stopped while held-out greedy accuracy is
    well below 1 (`acc_sft`);
 3. from that same SFT model: (a) GRPO (`dsv3.rl.GRPO`) for N steps with the task verifier as reward
@@ -124,7 +125,7 @@ def trl_prompts(model_dir: Path, task: Task, n: int, think: bool, seed: int) -> 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     hf_tok.pad_token_id = tok.pad_id if tok.pad_id is not None else 0
-    hf_tok.eos_token = tok.decode([tok.eos_id], skip_special_tokens=False)
+    hf_tok.eos_token = hf_tok.convert_ids_to_tokens(tok.eos_id)
     rows = []
     for p in task.split("train", n, seed=seed):
         ids = prompt_ids(tok, p, think=think)
@@ -237,14 +238,16 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps of everything")
     ap.add_argument("--digits", type=int, default=2)
+    ap.add_argument("--hidden-size", type=int, default=128, help="the debug preset's width (64 there)")
+    ap.add_argument("--layers", type=int, default=3, help="the debug preset's layers (2 there)")
     ap.add_argument("--sft-records", type=int, default=3000)
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=800)
     ap.add_argument("--sft-lr", default="3e-3")
-    ap.add_argument("--grpo-steps", type=int, default=60)
+    ap.add_argument("--grpo-steps", type=int, default=100)
     ap.add_argument("--long-steps", type=int, default=6, help="GRPO steps timed at 64 completion tokens")
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--prompts-per-step", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--loss-type", default="dapo")
     ap.add_argument("--limit", type=int, default=200, help="held-out problems scored")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every stage")
@@ -258,11 +261,14 @@ def main() -> None:
     spec = f"add:digits={a.digits}"
     t_start = time.perf_counter()
     base, sft, data = work / "base", work / "sft", work / "sft.jsonl"
-    cli(["train", "--preset", "debug", "--steps", "3", "--out", str(base), "--no-progress", "--no-sample"])
+    model = [f"hidden_size={a.hidden_size}", f"num_hidden_layers={a.layers}"]
+    cli(["train", "--preset", "debug", "--steps", "3", "--out", str(base), "--overwrite", "--no-progress",
+         "--no-sample", *model])  # fmt: skip
     write_jsonl(data, get_task(spec).sft_records(a.sft_records))
-    sft_args = ["sft", "--data", str(data), "--no-progress", "--overwrite", "seq_len=64", "batch_size=16"]
+    sft_args = ["sft", "--data", str(data), "--no-progress", "--overwrite"]
+    sft_settings = ["seq_len=64", "batch_size=16", f"lr={a.sft_lr}"]
     _, sft_s = cli(
-        [*sft_args, "--from", str(base), "--out", str(sft), "--steps", str(a.sft_steps), f"lr={a.sft_lr}"]
+        [*sft_args, "--from", str(base), "--out", str(sft), "--steps", str(a.sft_steps), *sft_settings]
     )
     acc_sft = evaluate(sft, spec, a.limit, False, 8)
 
@@ -282,7 +288,7 @@ def main() -> None:
     control_steps = max(1, round(ours["seconds"] / (sft_s / a.sft_steps)))
     _, control_s = cli(
         [*sft_args, "--from", str(sft), "--out", str(work / "control"), "--steps", str(control_steps),
-         f"lr={a.sft_lr}"]
+         *sft_settings]
     )  # fmt: skip
     acc_control = evaluate(work / "control", spec, a.limit, False, 8)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make posttrain`: SFT then GRPO on the `add` task, from scratch on the CPU, with the dsv3 CLI.
 #
-#   1. dsv3 train: a debug-preset run for 3 steps (a run directory with a tokenizer; the weights are
-#      still near random);
+#   1. dsv3 train: a debug-preset run widened to hidden_size 128 and 3 layers (0.4M parameters), 3 steps
+#      (a run directory with a tokenizer; the weights are still near random);
 #   2. dsv3 sft: SFT on gold records of add:digits=$DIGITS (bare answers), stopped early, while the
 #      held-out greedy accuracy is still well below 1;
 #   3. dsv3 grpo: GRPO from the SFT model with the task's verifier as the reward;
@@ -18,10 +18,10 @@ WORK=${WORK:-runs/posttrain}
 DIGITS=${DIGITS:-2}
 TASK="add:digits=$DIGITS"
 SFT_RECORDS=${SFT_RECORDS:-3000}
-SFT_STEPS=${SFT_STEPS:-150}
+SFT_STEPS=${SFT_STEPS:-800}
 SFT_LR=${SFT_LR:-3e-3}
-GRPO_STEPS=${GRPO_STEPS:-60}
-GRPO_LR=${GRPO_LR:-1e-3}
+GRPO_STEPS=${GRPO_STEPS:-100}
+GRPO_LR=${GRPO_LR:-3e-5}
 G=${G:-8}
 PROMPTS=${PROMPTS:-8}
 LIMIT=${LIMIT:-200}
@@ -33,7 +33,8 @@ mkdir -p "$WORK"
 echo "== posttrain in $WORK: $TASK, SFT $SFT_STEPS steps, GRPO $GRPO_STEPS steps (G=$G x $PROMPTS prompts)"
 
 set -x
-"$DSV3" train --preset debug --steps 3 --out "$WORK/base" --no-sample "${NO_PROGRESS[@]}" >"$WORK/base.log"
+"$DSV3" train --preset debug --steps 3 --out "$WORK/base" --no-sample "${NO_PROGRESS[@]}" \
+    hidden_size=128 num_hidden_layers=3 >"$WORK/base.log"
 "$PY" -c "import sys; from dsv3.tasks import get_task, write_jsonl
 write_jsonl(sys.argv[1], get_task(sys.argv[2]).sft_records(int(sys.argv[3])))" \
     "$WORK/sft.jsonl" "$TASK" "$SFT_RECORDS"
