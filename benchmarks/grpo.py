@@ -4,8 +4,8 @@ One run, every dsv3 stage through its CLI entry point or Python API in this proc
 
 1. base: `dsv3 train --preset debug --steps 3` at hidden_size 128, 3 layers (0.4M parameters; a run
    directory with a tokenizer, weights near random);
-2. SFT: `dsv3 sft` on gold bare-answer records of add:digits=D, stopped while held-out greedy accuracy is
-   well below 1 (`acc_sft`);
+2. SFT: `dsv3 sft` on gold bare-answer records of add:digits=D at a constant LR, stopped while held-out
+   greedy accuracy is well below 1 (`acc_sft`); the control continues it at the same LR;
 3. from that same SFT model: (a) GRPO (`dsv3.rl.GRPO`) for N steps with the task verifier as reward
    (`acc_grpo`), and (b) a control that continues SFT on the same data for the same wall-clock as (a)
    (`acc_control`): the gain is credited to RL only if (a) beats (b);
@@ -241,13 +241,13 @@ def main() -> None:
     ap.add_argument("--hidden-size", type=int, default=128, help="the debug preset's width (64 there)")
     ap.add_argument("--layers", type=int, default=3, help="the debug preset's layers (2 there)")
     ap.add_argument("--sft-records", type=int, default=3000)
-    ap.add_argument("--sft-steps", type=int, default=800)
+    ap.add_argument("--sft-steps", type=int, default=450)
     ap.add_argument("--sft-lr", default="3e-3")
     ap.add_argument("--grpo-steps", type=int, default=100)
     ap.add_argument("--long-steps", type=int, default=6, help="GRPO steps timed at 64 completion tokens")
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--prompts-per-step", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--loss-type", default="dapo")
     ap.add_argument("--limit", type=int, default=200, help="held-out problems scored")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every stage")
@@ -266,7 +266,13 @@ def main() -> None:
          "--no-sample", *model])  # fmt: skip
     write_jsonl(data, get_task(spec).sft_records(a.sft_records))
     sft_args = ["sft", "--data", str(data), "--no-progress", "--overwrite"]
-    sft_settings = ["seq_len=64", "batch_size=16", f"lr={a.sft_lr}"]
+    sft_settings = [
+        "seq_len=64",
+        "batch_size=16",
+        f"lr={a.sft_lr}",
+        "decay_start_frac=1.0",
+        "decay_end_frac=1.0",
+    ]
     _, sft_s = cli(
         [*sft_args, "--from", str(base), "--out", str(sft), "--steps", str(a.sft_steps), *sft_settings]
     )

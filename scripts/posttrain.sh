@@ -3,11 +3,12 @@
 #
 #   1. dsv3 train: a debug-preset run widened to hidden_size 128 and 3 layers (0.4M parameters), 3 steps
 #      (a run directory with a tokenizer; the weights are still near random);
-#   2. dsv3 sft: SFT on gold records of add:digits=$DIGITS (bare answers), stopped early, while the
-#      held-out greedy accuracy is still well below 1;
+#   2. dsv3 sft: SFT on gold records of add:digits=$DIGITS (bare answers) at a constant LR, stopped
+#      early, while the held-out greedy accuracy is still well below 1 (about 0.5: a longer run of this
+#      model reaches 0.99);
 #   3. dsv3 grpo: GRPO from the SFT model with the task's verifier as the reward;
 #   4. dsv3 eval: held-out greedy accuracy (problems no stage trained on) after SFT and after GRPO,
-#      and a sample from the final model (dsv3 generate).
+#      and a sample from the final model (dsv3.inference.LLM).
 #
 # Every setting is an environment variable (WORK, DIGITS, SFT_STEPS, GRPO_STEPS, ...); seeds are fixed.
 set -euo pipefail
@@ -18,10 +19,10 @@ WORK=${WORK:-runs/posttrain}
 DIGITS=${DIGITS:-2}
 TASK="add:digits=$DIGITS"
 SFT_RECORDS=${SFT_RECORDS:-3000}
-SFT_STEPS=${SFT_STEPS:-800}
+SFT_STEPS=${SFT_STEPS:-450}
 SFT_LR=${SFT_LR:-3e-3}
 GRPO_STEPS=${GRPO_STEPS:-100}
-GRPO_LR=${GRPO_LR:-3e-5}
+GRPO_LR=${GRPO_LR:-1e-4}
 G=${G:-8}
 PROMPTS=${PROMPTS:-8}
 LIMIT=${LIMIT:-200}
@@ -39,7 +40,8 @@ set -x
 write_jsonl(sys.argv[1], get_task(sys.argv[2]).sft_records(int(sys.argv[3])))" \
     "$WORK/sft.jsonl" "$TASK" "$SFT_RECORDS"
 "$DSV3" sft --from "$WORK/base" --data "$WORK/sft.jsonl" --out "$WORK/sft" --steps "$SFT_STEPS" \
-    "${NO_PROGRESS[@]}" seq_len=64 batch_size=16 lr="$SFT_LR" >"$WORK/sft.log"
+    "${NO_PROGRESS[@]}" seq_len=64 batch_size=16 lr="$SFT_LR" decay_start_frac=1.0 decay_end_frac=1.0 \
+    >"$WORK/sft.log"
 "$DSV3" eval --checkpoint "$WORK/sft" --task "$TASK" --samples 0 --limit "$LIMIT" --no-think \
     --max-new-tokens 8 | tee "$WORK/eval_sft.json"
 "$DSV3" grpo --from "$WORK/sft" --task "$TASK" --out "$WORK/grpo" --steps "$GRPO_STEPS" --no-think \

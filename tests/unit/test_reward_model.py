@@ -1,6 +1,6 @@
-"""The reward model: Bradley-Terry loss on fixed scores, last-token pooling under padding, preference-record
-validation (file, line, field, before training), a save/load round trip that scores identically, the
-`load_reward_model` callable contract GRPO relies on, and the add-task preference pairs."""
+"""The reward model: Bradley-Terry loss on fixed scores, last-token (or answer-token) pooling under padding,
+preference-record validation (file, line, field, before training), a save/load round trip that scores
+identically, the `load_reward_model` callable contract GRPO relies on, and the add-task preference pairs."""
 
 from __future__ import annotations
 
@@ -68,6 +68,26 @@ def test_pool_last_picks_the_last_real_token():
     assert torch.equal(pool_last(hidden, mask), torch.stack([hidden[0, 1], hidden[1, 3]]))
     with pytest.raises(ValueError, match="at least one"):
         pool_last(hidden, torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_answer_pooling_reads_the_token_before_the_last(rm, tmp_path, tok):
+    """pool="answer": the head reads the response's last token (before the EOS); padding changes nothing,
+    the setting survives save/load, a bad value is refused."""
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(pool_last(hidden, mask, 1), torch.stack([hidden[0, 1], hidden[1, 0]]))  # clamped
+    ans = RewardModel(rm.backbone, pool="answer").eval()
+    ans.score.load_state_dict(rm.score.state_dict())
+    seqs = [[5, 9, 17, 3], [5, 8, 2], [5, 7, 7, 7, 7, 7, 2]]
+    want = torch.cat([rm(*collate([s[:-1]])) for s in seqs])  # "eos" pooling without the last token
+    torch.testing.assert_close(ans(*collate(seqs, pad_id=1)), want, atol=1e-5, rtol=1e-5)
+    save_reward_model(ans, tok, tmp_path / "a")
+    model, _, meta = load_reward_model_module(tmp_path / "a")
+    assert meta["pool"] == model.pool == "answer"
+    with pytest.raises(ValueError, match="pool"):
+        RewardModel(rm.backbone, pool="mean")
+    with pytest.raises(ValueError, match="pool"):
+        RMConfig().with_overrides(["pool=first"])
 
 
 def test_padded_sequences_score_as_they_do_alone(rm):

@@ -55,6 +55,7 @@ VERSION = 1
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
 BACKBONE_DIR = "model"
+POOLS = ("eos", "answer")  # index = positions before the last token
 
 
 # ------------------------------------------------------------------------------------------ numerics
@@ -80,15 +81,16 @@ def bradley_terry_loss(
     return loss, stats
 
 
-def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """hidden [B, T, D] -> [B, D]: the hidden state at each row's last position where the mask is True."""
+def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """hidden [B, T, D] -> [B, D]: the hidden state at each row's last position where the mask is True
+    (offset k > 0: k positions before it, clamped to the first)."""
     if attention_mask.shape != hidden.shape[:2]:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match hidden {hidden.shape}")
     if not bool(attention_mask.any(dim=1).all()):
         raise ValueError("every row needs at least one non-padding token")
     T = hidden.shape[1]
     pos = torch.arange(T, device=hidden.device).expand_as(attention_mask)
-    last = torch.where(attention_mask.bool(), pos, -1).amax(dim=1)  # [B]
+    last = (torch.where(attention_mask.bool(), pos, -1).amax(dim=1) - offset).clamp(min=0)  # [B]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
@@ -106,11 +108,16 @@ def collate(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tenso
 
 
 class RewardModel(nn.Module):
-    """A dsv3 Transformer backbone (held, not subclassed) and a scalar head on its last-token hidden."""
+    """A dsv3 Transformer backbone (held, not subclassed) and a scalar head on one hidden state per
+    sequence: pool="eos" reads the last token (the EOS), pool="answer" the one before it (the response's
+    last token, where a model tuned on the responses predicts the EOS)."""
 
-    def __init__(self, backbone: Transformer):
+    def __init__(self, backbone: Transformer, pool: str = "eos"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.backbone = backbone
+        self.pool = pool
         d = backbone.config.hidden_size
         self.score = nn.Linear(d, 1, bias=False)  # a bias cancels in r+ - r- (module docstring)
         nn.init.normal_(self.score.weight, std=1.0 / (d + 1) ** 0.5)  # as HF's score head
@@ -125,7 +132,8 @@ class RewardModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         out = self.backbone(input_ids, with_mtp=False, logits_to_keep=1)  # LM head on one position only
-        return self.score(pool_last(out.hidden, attention_mask)).squeeze(-1).float()
+        hidden = pool_last(out.hidden, attention_mask, POOLS.index(self.pool))
+        return self.score(hidden).squeeze(-1).float()
 
     @torch.no_grad()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 32, pad_id: int = 0) -> list[float]:
@@ -212,6 +220,7 @@ def save_reward_model(
         "head_sha256": hashlib.sha256(head).hexdigest(),
         "hidden_size": model.backbone.config.hidden_size,
         "max_length": model.max_length,
+        "pool": model.pool,
         **(extra or {}),
     }
     atomic_write(run / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
@@ -253,7 +262,7 @@ def load_reward_model_module(
         raise ValueError(
             f"{run}: backbone hidden_size {backbone.config.hidden_size} != {meta['hidden_size']}"
         )
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, meta.get("pool", "eos"))  # files written before `pool` read the EOS
     weight = load_safetensors(head_bytes)["score.weight"]
     with torch.no_grad():
         model.score.weight.copy_(weight.to(model.score.weight.dtype))

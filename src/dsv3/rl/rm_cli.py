@@ -39,6 +39,7 @@ from dsv3.cpu import set_expert_backend
 from dsv3.io import atomic_write
 from dsv3.rl.reward_model import (
     META_FILE,
+    POOLS,
     RewardModel,
     add_preference_pairs,
     bradley_terry_loss,
@@ -71,6 +72,7 @@ class RMConfig:
     center_rewards_coefficient: float = 0.0  # TRL's; 0 = plain Bradley-Terry
     val_frac: float = 0.1  # held-out share of --data pairs
     eval_every: int = 0  # steps; 0 = only before and after training
+    pool: str = "eos"  # the hidden state the head reads: "eos" (last token) or "answer" (the one before)
     seed: int = 0
 
     def validate(self) -> RMConfig:
@@ -88,6 +90,8 @@ class RMConfig:
         for name in ("warmup_frac", "min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1 + (name == "min_lr_ratio"):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if not 0 < self.val_frac < 1:
             raise ValueError(f"val_frac must be in (0, 1), got {self.val_frac}")
         return self
@@ -381,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     set_expert_backend(backbone, "padded")  # the trainer's CPU expert layout: same numbers, faster
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, cfg.pool)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     summary = train_reward_model(
         model, train, held_out, cfg, steps, MetricsLog(metrics_path), pad_id, progress=not args.no_progress
