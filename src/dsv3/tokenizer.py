@@ -131,14 +131,23 @@ class Tokenizer:
 
     # ------------------------------------------------------------ build / load / save
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-        """Learn byte-level BPE merges from `texts` up to `vocab_size` tokens (specials and bytes count)."""
+    def train(cls, texts: Iterable[str], vocab_size: int, *, split_digits: bool = False) -> Tokenizer:
+        """Learn byte-level BPE merges from `texts` up to `vocab_size` tokens (specials and bytes count).
+
+        split_digits: every digit is its own pre-token, so numbers are spelled digit by digit (as
+        LLaMA's and DeepSeek-LLM's tokenizers do; DeepSeek-V3's splits numbers into runs of up to 3):
+        copying a number (a passkey) then means copying ten well-trained tokens, not rare merges."""
         if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
             raise ValueError(
                 f"vocab_size must be an integer >= {MIN_VOCAB} (256 bytes + specials), got {vocab_size!r}"
             )
         tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits
+            else byte_level
+        )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -171,3 +171,19 @@ def test_any_fast_tokenizer_with_its_own_specials(tok, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
     with pytest.raises(ValueError, match="bos_token '<nope>' is not in the tokenizer's vocabulary"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_split_digits_spells_numbers_digit_by_digit(tmp_path):
+    """split_digits: no merge spans two digits, text round-trips, and transformers reads the same split."""
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["The pass key is 48213. Remember it. 48213 is the pass key. In 1999, 2024 and 31415."] * 40
+    merged = Tokenizer.train(texts, MIN_VOCAB + 64)
+    split = Tokenizer.train(texts, MIN_VOCAB + 64, split_digits=True)
+    s = "key is 78412 and 48213."
+    assert any(sum(c.isdigit() for c in merged.decode([i])) > 1 for i in merged.encode(s))
+    pieces = [split.decode([i]) for i in split.encode(s)]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces) and split.decode(split.encode(s)) == s
+    split.save(tmp_path)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert hf.encode(s, add_special_tokens=False) == Tokenizer.from_file(tmp_path).encode(s)
