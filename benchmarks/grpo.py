@@ -228,6 +228,7 @@ def hf_accuracy(model: Any, hf_tok: Any, src: Path, spec: str, limit: int, max_n
             eos_token_id=tok.eos_id, pad_token_id=hf_tok.pad_token_id,
         )  # fmt: skip
         for p, row in zip(chunk, out[:, T:].tolist()):
+            row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row  # EOS, then padding
             right += task.verify(p, tok.decode(row))
     return right / len(problems)
 
