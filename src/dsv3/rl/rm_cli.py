@@ -13,10 +13,11 @@ the field. A `val_frac` share of the pairs (a seeded shuffle) is held out. `--ta
 generates `--pairs` pairs from the add task's train split (chosen: the right sum; rejected: a corrupted one)
 and holds out pairs on its test split, problems never trained on.
 
-`key=value` sets `RMConfig` fields (lr, batch_size, center_rewards_coefficient, ...). RUN receives
-metrics.jsonl (per step: loss, accuracy, margin, lr, grad_norm; per evaluation: val_loss, val_accuracy),
-rm_config.json, the reward model (model/, reward_head.safetensors, reward_model.json) and summary.json with
-the held-out pairwise accuracy before and after training, which is also printed as the last line (JSON).
+`key=value` sets `RMConfig` fields (lr, batch_size, center_rewards_coefficient, pool=eos|answer, ...).
+RUN receives metrics.jsonl (per step: loss, accuracy, margin, lr, grad_norm; per evaluation: val_loss,
+val_accuracy), rm_config.json, the reward model (model/, reward_head.safetensors, reward_model.json) and
+summary.json with the held-out pairwise accuracy before and after training, also printed as the last line
+(JSON).
 """
 
 from __future__ import annotations
