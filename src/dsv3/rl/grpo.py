@@ -418,11 +418,15 @@ class GRPO:
         self, model: Transformer, batch: dict[str, torch.Tensor], entropy: bool = False, mtp: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(log-probs [b, Tc], entropy or None, MTP loss) of the completion tokens under `model`."""
+        # the head runs only from the first completion-predicting position on (not over the prompts);
+        # lm_loss for the MTP loss wants every position
+        index, L = batch["index"], batch["ids"].shape[1]
+        first = 0 if mtp else int(index.min())
         with autocast_context(self.dtype, self.device):
-            out = model(batch["ids"], with_mtp=mtp)
+            out = model(batch["ids"], with_mtp=mtp, logits_to_keep=L - first)
         logits = out.logits
         V = logits.shape[-1]
-        picked = logits.gather(1, batch["index"].unsqueeze(-1).expand(-1, -1, V))
+        picked = logits.gather(1, (index - first).unsqueeze(-1).expand(-1, -1, V))
         lp, ent = token_logprobs(picked, batch["tokens"], self.cfg.temperature, with_entropy=entropy)
         mtp_loss = lm_loss(out, batch["labels"], 1.0, 0.0, "none").mtp_loss if mtp else lp.new_zeros(())
         return lp, ent, mtp_loss
@@ -519,11 +523,13 @@ class GRPO:
         )
         rec: dict[str, Any] = {}
         while self.step < end:
+            t0 = time.perf_counter()
             ro = self.rollout(self.step)
             rec = self.step_metrics(ro)
             rec.update(self.train_on(ro))
             self.step += 1
-            rec = {"type": "grpo", "step": self.step, **rec}
+            # wall seconds of the whole step (rollout, rewards, updates), the figure TRL users compare
+            rec = {"type": "grpo", "step": self.step, **rec, "step_seconds": time.perf_counter() - t0}
             self.metrics.write(rec)
             if c.sample_every and self.step % c.sample_every == 0:
                 self._log_samples(ro)
