@@ -83,9 +83,7 @@ def test_sft_resume_is_bit_exact(base, add_data, tmp_path):
 
 def test_sft_rejects_bad_records_before_training(base, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(
-        '{"prompt": "1+1=", "completion": "2"}\n{"messages": [{"role": "user", "content": 3}]}\n'
-    )
+    bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"messages": [{"role": "user", "content": 3}]}\n')
     assert main(["sft", "--from", str(base), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "content" in err

@@ -1,6 +1,5 @@
 """Planner FLOPs against torch's FLOP counter run on the real model (prefill/training and absorbed decode)."""
 
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
