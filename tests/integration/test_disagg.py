@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from importlib import resources
@@ -23,7 +22,7 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.cli import build_parser
 from dsv3.inference import Engine, SamplingParams
 from dsv3.inference.disagg import DisaggEngine
-from dsv3.serving import build_server, load_state
+from dsv3.serving import load_state
 from dsv3.tokenizer import Tokenizer
 
 TEXT = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:60000]
@@ -158,25 +157,10 @@ def test_dead_prefill_worker_fails_its_requests_only(setup):
 
 
 @pytest.fixture(scope="module")
-def server(setup):
+def server(setup, serve_in_thread):
     _, state = setup
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    srv = build_server(state, "127.0.0.1", port, graceful_timeout=5)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(state) as base:
+        yield base
 
 
 def test_server_streams_like_colocated(setup, server):

@@ -4,9 +4,6 @@ streaming with logprobs, and 400s for recognised-but-unsupported fields."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from importlib import resources
 
 import httpx
@@ -16,7 +13,7 @@ import torch
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.inference import LLM
-from dsv3.serving import build_server, load_state
+from dsv3.serving import load_state
 from dsv3.tokenizer import Tokenizer
 
 API_KEY = "sk-test"
@@ -24,34 +21,16 @@ MODEL = "dsv3-debug"
 TEXT = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:30000]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
+def server(serve_in_thread):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("debug")
     tok = Tokenizer.train([TEXT], cfg.vocab_size)
     model = Transformer(cfg).eval()
     llm = LLM(model, tokenizer=tok, max_batch_size=8, max_seq_len=96, dtype="fp32")
     state = load_state(llm, model_name=MODEL, api_key=API_KEY, max_queue=32)
-    port = _free_port()
-    srv = build_server(state, "127.0.0.1", port, graceful_timeout=5)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base, model, tok
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(state) as base:
+        yield base, model, tok
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,13 @@ log_softmax on the same weights (dsv3.save_pretrained -> DeepseekV3ForCausalLM, 
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
-import httpx
 import openai
 import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer, save_pretrained
 from dsv3.inference import LLM
-from dsv3.serving import build_server, load_state
+from dsv3.serving import load_state
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,14 +21,8 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, serve_in_thread):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("debug").replace(max_position_embeddings=128)
     model = Transformer(cfg).eval()
@@ -49,20 +38,8 @@ def served(tmp_path_factory):
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="fp32", max_batch_size=4, max_seq_len=64)
     state = load_state(llm, model_name="m", max_queue=8)
-    port = _free_port()
-    srv = build_server(state, "127.0.0.1", port, graceful_timeout=5)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0), hf
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(state) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0), hf
 
 
 def test_echo_prompt_logprobs_equal_transformers(served):
