@@ -3,8 +3,10 @@
 from dsv3.rl import grpo_loss, group_advantages, GRPO, GRPOConfig, parse_rewards
 """
 
-from dsv3.rl.grpo import GRPO, GRPOConfig, PromptSource, Rollout, load_policy, shared_engine_model
+from dsv3.rl.config import GRPOConfig
+from dsv3.rl.grpo import GRPO, Rollout, load_policy, shared_engine_model
 from dsv3.rl.loss import LossStats, group_advantages, grpo_loss, token_logprobs
+from dsv3.rl.prompts import PromptSource
 from dsv3.rl.rewards import Reward, compute_rewards, parse_reward, parse_rewards, task_reward
 
 __all__ = [

@@ -34,7 +34,9 @@ import torch.distributed as dist
 from dsv3.config import coerce_value
 from dsv3.parallel import env_from_environ, init_distributed
 from dsv3.parallel.launch import RankWatchdog, shutdown_distributed, spawn_call
-from dsv3.rl.grpo import GRPO, GRPOConfig, PromptSource, load_policy
+from dsv3.rl.config import GRPOConfig
+from dsv3.rl.grpo import GRPO, load_policy
+from dsv3.rl.prompts import PromptSource
 from dsv3.rl.ranks import Ranks, shard_rows
 from dsv3.rl.rewards import parse_rewards
 from dsv3.tasks import get_task

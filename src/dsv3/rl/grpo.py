@@ -37,195 +37,32 @@ data-parallel rank holds the whole model and optimizer state).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from dsv3.chat import encode_chat
 from dsv3.checkpoint import from_pretrained, resolve_model_dir, save_pretrained
 from dsv3.cpu import apply_cpu_training
 from dsv3.inference import LLM, SamplingParams
-from dsv3.io import read_jsonl
 from dsv3.model import IGNORE_INDEX, Transformer, lm_loss
-from dsv3.rl.loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, token_logprobs
+from dsv3.rl.config import GRPOConfig
+from dsv3.rl.loss import LossStats, group_advantages, grpo_loss, token_logprobs
+from dsv3.rl.prompts import PromptSource
 from dsv3.rl.ranks import Ranks
 from dsv3.rl.rewards import Reward, compute_rewards
-from dsv3.tasks import EvalConfig, Task, evaluate_task
-from dsv3.tasks.prompts import prompt_ids, response_prefix
+from dsv3.tasks import EvalConfig, evaluate_task
+from dsv3.tasks.prompts import response_prefix
 from dsv3.tokenizer import Tokenizer
 from dsv3.train.checkpoint import Checkpointer, step_dir_name
 from dsv3.train.metrics import MetricsLog
 from dsv3.train.optim import AdamW, clip_grads, grad_norm, param_groups
 from dsv3.train.setup import prepare_run_dir
 from dsv3.train.step import autocast_context
-
-
-@dataclass
-class GRPOConfig:
-    """GRPO settings (TRL's names where TRL has one). `steps` counts rollouts."""
-
-    steps: int = 100
-    prompts_per_step: int = 8
-    num_generations: int = 8
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_length: int = 256
-    max_prompt_length: int = 512
-    mask_truncated_completions: bool = False
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    mtp_weight: float = 0.0  # > 0: train the MTP modules on the rollouts (off by default)
-    micro_batch: int = 0  # completions per forward/backward (0: the whole batch at once)
-    dtype: str = "float32"  # training compute: float32 or bfloat16 autocast
-    think: bool = True  # prompts open the think block (False: models tuned on bare answers)
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    sample_every: int = 10  # log sample completions every N steps (0: never)
-    samples_logged: int = 2
-    eval_every: int = 0  # held-out greedy accuracy every N steps and at step 0 (0: never; a task run)
-    eval_samples: int = 100  # held-out problems per evaluation
-
-    def validate(self) -> GRPOConfig:
-        d = self.to_dict()
-
-        def positive(name: str) -> None:
-            v = d[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-        for n in ("steps", "prompts_per_step", "num_generations", "max_completion_length"):
-            positive(n)
-        for n in ("max_prompt_length", "num_iterations", "checkpoint_every", "keep_checkpoints"):
-            positive(n)
-        if self.num_generations < 2:
-            raise ValueError("num_generations must be >= 2: advantages compare completions of one prompt")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (rollouts sample), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for n in ("lr", "weight_decay", "beta", "epsilon", "mtp_weight", "max_grad_norm"):
-            if d[n] < 0:
-                raise ValueError(f"{n} must be >= 0, got {d[n]}")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
-        if self.micro_batch < 0 or self.sample_every < 0 or self.samples_logged < 0 or self.eval_every < 0:
-            raise ValueError("micro_batch, sample_every, samples_logged and eval_every must be >= 0")
-        positive("eval_samples")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- prompts
-@dataclass
-class PromptRecord:
-    """One prompt: as the reward functions see it, its token ids, and its extra columns."""
-
-    prompt: Any  # a string or a list of messages
-    ids: list[int]
-    columns: dict[str, Any]
-
-
-class PromptSource:
-    """Prompts for step s, a pure function of (seed, s): a task's train split or a prompts file."""
-
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        *,
-        task: Task | None = None,
-        path: str | Path | None = None,
-        think: bool = True,
-        seed: int = 0,
-    ):
-        if (task is None) == (path is None):
-            raise ValueError("give a task or a prompts file (exactly one)")
-        self.task, self.tokenizer, self.think, self.seed = task, tokenizer, think, seed
-        self.records: list[dict[str, Any]] = []
-        if path is not None:
-            self.records = load_prompt_records(path)
-
-    def batch(self, step: int, n: int) -> list[PromptRecord]:
-        if self.task is not None:
-            rng = random.Random(f"grpo|{self.seed}|{step}")
-            problems = [self.task.sample(rng, "train") for _ in range(n)]
-            return [
-                PromptRecord(
-                    p.prompt, prompt_ids(self.tokenizer, p, self.think), {"problem": p, "answer": p.answer}
-                )
-                for p in problems
-            ]
-        out, N = [], len(self.records)
-        perms: dict[int, np.ndarray] = {}  # a seeded permutation of the records per epoch
-        for k in range(step * n, step * n + n):
-            epoch, i = divmod(k, N)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(N)
-            rec = self.records[int(perms[epoch][i])]
-            out.append(
-                PromptRecord(
-                    rec["prompt"],
-                    self.encode(rec["prompt"]),
-                    {k2: v for k2, v in rec.items() if k2 != "prompt"},
-                )
-            )
-        return out
-
-    def encode(self, prompt: Any) -> list[int]:
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids, _ = encode_chat(self.tokenizer, msgs, add_generation_prompt=True)
-        prefix = response_prefix(self.tokenizer)
-        if not self.think and prefix:
-            cut = self.tokenizer.encode_with_offsets(prefix)[0]
-            if ids[-len(cut) :] == cut:
-                ids = ids[: -len(cut)]
-        return ids
-
-
-def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
-    """A prompts file: JSONL of {"prompt": string or messages, ...extra columns}."""
-    recs = []
-    for n, rec in read_jsonl(path):
-        prompt = rec.get("prompt") if isinstance(rec, dict) else None
-        ok_msgs = (
-            isinstance(prompt, list)
-            and prompt
-            and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in prompt
-            )
-        )
-        if not (isinstance(prompt, str) and prompt) and not ok_msgs:
-            raise ValueError(f'{path}:{n}: "prompt" must be a non-empty string or a list of messages')
-        recs.append(rec)
-    if not recs:
-        raise ValueError(f"{path} holds no prompts")
-    return recs
 
 
 # --------------------------------------------------------------------------- rollouts
