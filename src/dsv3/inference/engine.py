@@ -80,6 +80,9 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self.add_bos = True
+        # streaming callers read each step's text delta; LLM.generate turns this off and reads the final
+        # text only (detokenising every running request at every step is ~10% of a small model's decode)
+        self.stream_text = True
         w = model.embed.weight
         self.cache = LatentKVCache(cfg, max_batch_size, max_seq_len, dtype=w.dtype, device=w.device)
         self.runner = ModelRunner(model, self.cache)
@@ -390,16 +393,18 @@ class Engine:
 
     def _emit(self, r: _Request) -> StepOutput:
         out = r.out
-        if self.tokenizer is not None and not out.finished:
-            out.text = self._detok(out.token_ids)
-        text = out.text
-        end = len(text)
-        if not out.finished:
-            end -= len(text) - len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence: wait
-            if r.params.stop:  # hold back what could be the start of a stop string
-                end = min(end, max(r.emitted_text, len(text) - max(len(s) for s in r.params.stop) + 1))
-        delta = text[r.emitted_text : end] if end > r.emitted_text else ""
-        r.emitted_text = max(r.emitted_text, end)
+        delta = ""
+        if self.stream_text or out.finished:  # batch generation (stream_text off): the text once, at the end
+            if self.tokenizer is not None and not out.finished:
+                out.text = self._detok(out.token_ids)
+            text = out.text
+            end = len(text)
+            if not out.finished:
+                end -= len(text) - len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence: wait
+                if r.params.stop:  # hold back what could be the start of a stop string
+                    end = min(end, max(r.emitted_text, len(text) - max(len(s) for s in r.params.stop) + 1))
+            delta = text[r.emitted_text : end] if end > r.emitted_text else ""
+            r.emitted_text = max(r.emitted_text, end)
         new, r.new_tokens = r.new_tokens, []
         k = len(new)
         new_lp = out.logprobs[len(out.logprobs) - k :] if out.logprobs is not None else None

@@ -150,10 +150,14 @@ class LLM:
                 engine.abort(rid)
             raise
         results: dict[str, RequestOutput] = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finished:
-                    results[o.request_id] = o.output
+        engine.stream_text = False
+        try:
+            while engine.has_unfinished():
+                for o in engine.step():
+                    if o.finished:
+                        results[o.request_id] = o.output
+        finally:
+            engine.stream_text = True
         outs = [results[rid] for rid in ids]
         if speculative:
             total = SpecStats(per_position=[0])
