@@ -56,3 +56,27 @@ def serve_in_thread():
             thread.join(timeout=10)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def eos_heavy_debug_model(tmp_path_factory):
+    """An HF directory of a random debug-preset model (with a tokenizer that knows `add` prompts) whose
+    EOS logit is scaled up: GRPO completions of 1 to 8 tokens, so lengths (and ranks' token counts) vary."""
+    from importlib import resources
+
+    from dsv3.checkpoint import save_pretrained
+    from dsv3.config import ModelConfig
+    from dsv3.model import Transformer
+    from dsv3.tokenizer import Tokenizer
+
+    cfg = ModelConfig.from_preset("debug")
+    text = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:5000]
+    digits = " ".join(f"What is {a}+{b}? {a + b}" for a in range(10) for b in range(10))
+    tok = Tokenizer.train([text, digits], cfg.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.head.weight[tok.eos_id] *= 30
+    path = tmp_path_factory.mktemp("eos_heavy") / "model"
+    save_pretrained(model, path, dtype=torch.float32, tokenizer=tok)
+    return path

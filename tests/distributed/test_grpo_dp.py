@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from dsv3.checkpoint import save_pretrained
 from dsv3.cli import main
-from dsv3.config import ModelConfig
-from dsv3.model import Transformer
 from dsv3.parallel import run_local
 from dsv3.rl import GRPO, GRPOConfig, PromptSource, Rollout, load_policy
 from dsv3.rl.loss import group_advantages
 from dsv3.rl.ranks import Ranks
 from dsv3.rl.rewards import Reward, parse_rewards
 from dsv3.tasks import get_task
-from dsv3.tokenizer import Tokenizer
 
 # 3 prompts x 4 completions = 12 rows, 6 per rank: the second group has 2 rows on each rank.
 # micro_batch=6: the single process accumulates the same two halves the two ranks compute, so the summed
@@ -54,20 +49,10 @@ def score(prompts, completions, completion_ids, **kw):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random debug model whose EOS logit is scaled up: completions of 1 to 8 tokens, so the ranks'
-    token counts differ and dapo's global normalisation matters."""
-    cfg = ModelConfig.from_preset("debug")
-    text = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:5000]
-    digits = " ".join(f"What is {a}+{b}? {a + b}" for a in range(10) for b in range(10))
-    tok = Tokenizer.train([text, digits], cfg.vocab_size)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        model.head.weight[tok.eos_id] *= 30
-    path = tmp_path_factory.mktemp("grpo_dp") / "model"
-    save_pretrained(model, path, dtype=torch.float32, tokenizer=tok)
-    return path
+def model_dir(eos_heavy_debug_model) -> Path:
+    """Completions of 1 to 8 tokens, so the ranks' token counts differ and dapo's global normalisation
+    matters."""
+    return eos_heavy_debug_model
 
 
 def _grpo(model_dir: Path, run_dir: Path, ranks: Ranks | None = None) -> GRPO:

@@ -3,19 +3,12 @@ held-out accuracy from `eval_every`, length, KL and clip fractions), and no loss
 
 from __future__ import annotations
 
-from importlib import resources
-
 import pytest
-import torch
 
-from dsv3.checkpoint import save_pretrained
 from dsv3.cli import main
-from dsv3.config import ModelConfig
-from dsv3.model import Transformer
 from dsv3.rl import GRPO, GRPOConfig, PromptSource, load_policy
 from dsv3.rl.rewards import Reward, parse_rewards
 from dsv3.tasks import get_task, write_jsonl
-from dsv3.tokenizer import Tokenizer
 from dsv3.train.metrics import read_metrics
 from dsv3.train.plot import grpo_curves, plot_run
 
@@ -25,19 +18,10 @@ def length_reward(prompts, completions, completion_ids, **kw):
 
 
 @pytest.fixture(scope="module")
-def grpo_run(tmp_path_factory):
+def grpo_run(tmp_path_factory, eos_heavy_debug_model):
     """Two GRPO steps of a random debug model (EOS made likely: lengths vary) with held-out evaluation."""
-    cfg = ModelConfig.from_preset("debug")
-    text = (resources.files("dsv3.data") / "tinyshakespeare.txt").read_text()[:5000]
-    digits = " ".join(f"What is {a}+{b}? {a + b}" for a in range(10) for b in range(10))
-    tok = Tokenizer.train([text, digits], cfg.vocab_size)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        model.head.weight[tok.eos_id] *= 30
     root = tmp_path_factory.mktemp("plot_grpo")
-    save_pretrained(model, root / "model", dtype=torch.float32, tokenizer=tok)
-    policy, tok, _ = load_policy(root / "model")
+    policy, tok, _ = load_policy(eos_heavy_debug_model)
     task = get_task("add:digits=1")
     rewards = [Reward("length", length_reward), *parse_rewards(["task"], task)]
     gcfg = GRPOConfig(
@@ -82,12 +66,12 @@ def test_grpo_curves_of_a_training_run_are_empty():
     assert grpo_curves([{"type": "train", "step": 1, "loss": 2.0}]) == {}
 
 
-def test_eval_settings_are_checked(grpo_run, tmp_path):
+def test_eval_settings_are_checked(eos_heavy_debug_model, tmp_path):
     with pytest.raises(ValueError, match="eval_samples"):
         GRPOConfig(eval_samples=0).validate()
     with pytest.raises(ValueError, match="eval_every"):
         GRPOConfig(eval_every=-1).validate()
-    policy, tok, _ = load_policy(grpo_run.parent / "model")
+    policy, tok, _ = load_policy(eos_heavy_debug_model)
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2=", "answer": "3"}])
     prompts = PromptSource(tok, path=tmp_path / "p.jsonl")
     with pytest.raises(ValueError, match="eval_every needs a task"):
