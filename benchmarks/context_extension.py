@@ -4,15 +4,20 @@ Steps (each through the CLI a user runs):
 1. `dsv3 train --preset tiny --steps N` at seq_len 256 on tinyshakespeare (its first 90%) mixed with
    passkey documents (`dsv3.tasks.passkey`: a 5-digit key in filler, then the question and the answer),
    sized to fit 256 tokens;
-2. `dsv3 train --from RUN --extend-context 4` (one stage, dsv3.train.extend) on the same text mixed with
-   passkey documents of up to 1024 tokens; with --x16 a second stage chained on it (x4 again);
-3. bits per byte on the held-out last 10% of tinyshakespeare, by target position bucket (0-256, 256-1024,
+2. with --sft-steps N: `dsv3 sft --from RUN` at 256 tokens on passkey prompt/completion records (the
+   loss on the key only) mixed with text records, the needle samples from which the tiny model learns
+   retrieval (the pre-training mix alone does not teach it at this budget, BENCHMARKS.md); the SFT run
+   is then the stage's source;
+3. `dsv3 train --from RUN --extend-context 4 [--yarn-beta-fast B]` (one stage, dsv3.train.extend) on the pre-training text
+   mixed with passkey documents of up to 1024 tokens; with --x16 a second stage chained on it (x4 again);
+4. bits per byte on the held-out last 10% of tinyshakespeare, by target position bucket (0-256, 256-1024,
    1024-4096) over windows of the extended length: the source model with plain RoPE (extrapolating), the
    source weights under the stage's YaRN config without training, and the stage's model;
-4. passkey retrieval accuracy by length (tokens) x depth, greedy, raw prompts (`passkey_sweep`), before
+5. passkey retrieval accuracy by length (tokens) x depth, greedy, raw prompts (`passkey_sweep`), before
    and after the stage: a heatmap PNG (the report's Figure 8 shape).
 
-    python benchmarks/context_extension.py [--steps 700] [--stage-steps 40] [--x16] [--needle-n 4]
+    python benchmarks/context_extension.py [--steps 700] [--sft-steps 0] [--stage-steps 40] [--x16]
+        [--yarn-beta-fast 32]
 
 Last line: JSON {bpb_native, bpb_4x_before, bpb_4x_after, bpb_4x_yarn_untrained, needle_4x, seconds, ...}.
 """
@@ -36,13 +41,30 @@ from dsv3.checkpoint.hf import read_hf_config
 from dsv3.cli import main as dsv3
 from dsv3.config import ModelConfig
 from dsv3.inference import LLM
-from dsv3.tasks.passkey import PasskeyTask, passkey_sweep
+from dsv3.tasks.passkey import PasskeyTask, chars_for_tokens, passkey_sweep
 from dsv3.tokenizer import Tokenizer
 from dsv3.train.data import bundled_corpus_path
 from dsv3.train.extend import yarn_model
 
 BUCKETS = ((0, 256), (256, 1024), (1024, 4096))
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def needle_sft(path: Path, text: str, tok: Tokenizer, needles: int, texts: int, seed: int) -> None:
+    """SFT JSONL: `needles` raw passkey prompt/completion records (TRL's format, the loss on " KEY") whose
+    prompts take up to ~250 tokens, at uniform depths, and `texts` 400-character text records (the loss on
+    every token) from `text`, shuffled."""
+    rng = random.Random(seed)
+    longest = chars_for_tokens(tok, 250)
+    least = 200  # characters: the needle, the question and a little filler
+    recs = []
+    for i in range(needles):
+        task = PasskeyTask(length=rng.randint(least, max(least, longest)), depth=rng.random())
+        recs += task.sft_records(1, seed=seed * 1_000_003 + i, chat=False)
+    starts = rng.sample(range(0, len(text) - 400), texts)
+    recs += [{"text": text[i : i + 400]} for i in starts]
+    rng.shuffle(recs)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
 def corpus(path: Path, text: str, needle_tokens: int, needles: int, seed: int) -> None:
@@ -130,6 +152,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--needles", type=int, default=3000, help="passkey docs per stage's data")
+    ap.add_argument("--sft-steps", type=int, default=0, help="steps of a needle SFT before the stage")
+    ap.add_argument("--yarn-beta-fast", type=float, default=None, help="YaRN beta_fast (default V3's 32)")
+    ap.add_argument("--sft-needles", type=int, default=8000, help="passkey records of the needle SFT")
     ap.add_argument(
         "--no-split-digits", dest="split_digits", action="store_false", help="BPE may merge digits"
     )
@@ -144,21 +169,34 @@ def main() -> None:
     corpus(out / "data256.jsonl", train_text, 256, a.needles, seed=0)
     corpus(out / "data1024.jsonl", train_text, 1024, a.needles, seed=1)
     quiet = ["--no-progress", "--no-sample", "--overwrite"]
-    src, s4, s16 = out / "native", out / "x4", out / "x16"
+    pre, s4, s16 = out / "native", out / "x4", out / "x16"
     # the run's tokenizer, placed before `dsv3 train` (which then uses it): digits split one by one, so a
     # key is copied as ten frequent tokens (see Tokenizer.train)
-    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(pre, ignore_errors=True)
     docs = [json.loads(line)["text"] for line in (out / "data256.jsonl").read_text().splitlines()]
     vocab = ModelConfig.from_preset("tiny").vocab_size
-    Tokenizer.train(docs, vocab, split_digits=a.split_digits).save(src / "tokenizer")
+    Tokenizer.train(docs, vocab, split_digits=a.split_digits).save(pre / "tokenizer")
     t = time.perf_counter()
     rc = dsv3(["train", "--preset", "tiny", "--steps", str(a.steps), "--data", str(out / "data256.jsonl"),
-               "--out", str(src), *quiet[:2], "eval_every=0", "ckpt_every=0"])  # fmt: skip
+               "--out", str(pre), *quiet[:2], "eval_every=0", "ckpt_every=0"])  # fmt: skip
     assert rc == 0, "pre-training failed"
     pretrain_s = time.perf_counter() - t
+    # the needle SFT at the training length: the stage's source
+    src, sft_s = pre, 0.0
+    if a.sft_steps:
+        t = time.perf_counter()
+        src = out / "native_sft"
+        tok = Tokenizer.from_file(pre / "model")
+        needle_sft(out / "needles256.jsonl", train_text, tok, a.sft_needles, a.sft_needles // 8, seed=2)
+        rc = dsv3(["sft", "--from", str(pre), "--data", str(out / "needles256.jsonl"), "--out", str(src),
+                   "--steps", str(a.sft_steps), "seq_len=256", "batch_size=16", "lr=1e-3", "val_frac=0.01",
+                   *quiet[:1], "--overwrite"])  # fmt: skip
+        assert rc == 0, "the needle SFT failed"
+        sft_s = time.perf_counter() - t
     t = time.perf_counter()
+    beta = [] if a.yarn_beta_fast is None else ["--yarn-beta-fast", str(a.yarn_beta_fast)]
     rc = dsv3(["train", "--from", str(src), "--extend-context", "4", "--steps", str(a.stage_steps),
-               "--data", str(out / "data1024.jsonl"), "--out", str(s4), *quiet])  # fmt: skip
+               "--data", str(out / "data1024.jsonl"), "--out", str(s4), *beta, *quiet])  # fmt: skip
     assert rc == 0, "the 4x stage failed"
     stage_s = time.perf_counter() - t
     stage16_s = None
@@ -171,7 +209,7 @@ def main() -> None:
 
     tok = Tokenizer.from_file(src / "model")
     src_cfg = ModelConfig.from_hf(read_hf_config(src / "model"))
-    yarn4 = yarn_model(src_cfg, 256, 4)
+    yarn4 = yarn_model(src_cfg, 256, 4, beta_fast=a.yarn_beta_fast)
     models = {
         "before (plain RoPE)": load_as(src / "model", src_cfg.replace(max_position_embeddings=4096)),
         "YaRN, no training": load_as(src / "model", yarn4),
@@ -213,6 +251,7 @@ def main() -> None:
         "needle_4x_before": round(mean_acc(grids["before (plain RoPE)"], 1024), 4),
         "needle_native_after": round(mean_acc(grids["after the 4x stage"], 256), 4),
         "pretrain_seconds": round(pretrain_s, 1),
+        "sft_seconds": round(sft_s, 1),
         "stage_seconds": round(stage_s, 1),
         "stage16_seconds": None if stage16_s is None else round(stage16_s, 1),
         "seconds": round(time.perf_counter() - t0, 1),

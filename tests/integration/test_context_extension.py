@@ -15,6 +15,8 @@ from dsv3.checkpoint import from_pretrained
 from dsv3.checkpoint.hf import read_hf_config
 from dsv3.cli import main
 from dsv3.config import ModelConfig
+from dsv3.tasks import get_task
+from dsv3.tasks.distill import write_jsonl
 from dsv3.train.data import bundled_corpus_path
 from dsv3.train.extend import extension, yarn_model
 from dsv3.train.metrics import read_metrics
@@ -46,6 +48,13 @@ def test_yarn_model_sets_and_chains_the_scaling():
     assert two.max_position_embeddings == 1024
     with pytest.raises(ValueError, match="must be > 1"):
         yarn_model(base, 64, 1.0)
+    # beta_fast chosen for a short training length, kept by a chained stage unless set again
+    local = yarn_model(base, 64, 4, beta_fast=4)
+    assert (local.rope_scaling["beta_fast"], local.rope_scaling["beta_slow"]) == (4, 1)
+    assert yarn_model(local, 256, 4).rope_scaling["beta_fast"] == 4
+    assert yarn_model(local, 256, 4, beta_fast=8).rope_scaling["beta_fast"] == 8
+    with pytest.raises(ValueError, match="beta_slow <= beta_fast"):
+        yarn_model(base, 64, 4, beta_fast=0.5)
 
 
 def test_stage_configs_follow_the_source(source):
@@ -55,11 +64,28 @@ def test_stage_configs_follow_the_source(source):
     assert t.seq_len == 128 and ext.model.max_position_embeddings == 128
     assert ext.model.rope_scaling["original_max_position_embeddings"] == 32
     assert t.batch_size == max(1, info["batch_size"] * 32 // 128)  # tokens per step kept
-    assert t.lr == pytest.approx(info["lr"] * info["final_lr_ratio"])
+    last = [r for r in read_metrics(source) if r["type"] == "train"][-1]
+    assert t.lr == pytest.approx(last["lr"])  # constant at the LR the source ended with
+    assert t.mtp_weight == pytest.approx(last["mtp_weight"])
     assert t.steps == 1  # 10% of 6 steps, rounded
     assert t.init_from == str(source / "model")
     with pytest.raises(ValueError, match="longer than the extended context"):
         extension(source, 4, seq_len=256)
+
+
+def test_a_stage_from_an_sft_run(source, tmp_path):
+    """Needle SFT at the training length, then the stage (the benchmark's order): the stage runs at the
+    LR the SFT ended with (its cosine's last value), trains no MTP, and keeps the SFT's 32-token length as
+    YaRN's original length."""
+    data, sft = tmp_path / "raw.jsonl", tmp_path / "sft"
+    write_jsonl(data, get_task("add:digits=1").sft_records(40, chat=False))
+    argv = ["sft", "--from", str(source), "--data", str(data), "--out", str(sft), "--steps", "3"]
+    assert main([*argv, "--no-progress", "seq_len=32", "lr=1e-3", "batch_size=2"]) == 0
+    train = [r for r in read_metrics(sft) if r["type"] == "train"]
+    assert all(r["mtp_weight"] == 0 for r in train)  # SFT trains no MTP, through its last step
+    ext = extension(sft, 4)
+    assert ext.model.rope_scaling["original_max_position_embeddings"] == 32 and ext.train.seq_len == 128
+    assert ext.train.lr == pytest.approx(train[-1]["lr"]) and ext.train.mtp_weight == 0
 
 
 def test_two_stages_and_transformers_parity_at_the_extended_length(source, tmp_path):
@@ -114,6 +140,8 @@ def test_two_stages_and_transformers_parity_at_the_extended_length(source, tmp_p
 
 
 def test_extension_options_are_checked(source, tmp_path):
+    bad_beta = ["--yarn-beta-fast", "4", "--out", str(tmp_path / "b"), "--no-progress"]
+    assert main(["train", "--preset", "debug", *bad_beta]) == 2  # goes with --extend-context
     assert main(["train", "--from", str(source), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert main(["train", "--preset", "debug", "--seq-len", "64", "--out", str(tmp_path / "y")]) == 2
     assert (

@@ -20,6 +20,8 @@ from dsv3.tasks import (
     solve,
     split_response,
 )
+from dsv3.tasks.distill import write_jsonl
+from dsv3.train.sft_data import read_sft_records
 
 # ---------------------------------------------------------------- answer format
 
@@ -172,7 +174,7 @@ def test_split_errors():
         AddTask(heldout=1.5)
 
 
-def test_sft_records_are_trl_messages():
+def test_sft_records_are_trl_messages(tmp_path):
     task = get_task("add:digits=2")
     recs = task.sft_records(8, reasoning=True)
     assert len(recs) == 8
@@ -186,6 +188,11 @@ def test_sft_records_are_trl_messages():
     assert all("<think>" not in r["messages"][1]["content"] for r in plain)
     held = {p.prompt for p in task.split("test", 10)}
     assert not held & {r["messages"][0]["content"] for r in task.sft_records(200)}
+    raw = task.sft_records(8, chat=False)  # TRL prompt-completion records for a base model
+    assert [r["prompt"] for r in raw] == [r["messages"][0]["content"] for r in plain]
+    assert [r["completion"] for r in raw] == [" " + r["messages"][1]["content"] for r in plain]
+    write_jsonl(tmp_path / "raw.jsonl", raw)
+    assert {r.kind for r in read_sft_records(tmp_path / "raw.jsonl")} == {"prompt_completion"}
 
 
 # ---------------------------------------------------------------- registry and module:function

@@ -160,10 +160,19 @@ class Task(ABC):
         return format_response(problem.answer, self.reasoning(problem) if reasoning else None)
 
     def sft_records(
-        self, n: int, split: str = "train", reasoning: bool = False, seed: int = 0
+        self, n: int, split: str = "train", reasoning: bool = False, seed: int = 0, chat: bool = True
     ) -> list[dict[str, Any]]:
         """n TRL-style `{"messages": [user, assistant]}` records (JSONL-writable) from `split`; with
-        reasoning=True the assistant turn holds the worked reasoning in a think block before the answer."""
+        reasoning=True the assistant turn holds the worked reasoning in a think block before the answer.
+        chat=False gives TRL's standard prompt-completion records instead, `{"prompt": raw prompt,
+        "completion": " " + response}`, for a base model that continues raw text (`dsv3 sft` puts the
+        loss on the completion only)."""
+        problems = self.split(split, n, seed=seed)
+        if not chat:
+            return [
+                {"prompt": p.prompt, "completion": " " + self.reference_response(p, reasoning)}
+                for p in problems
+            ]
         return [
             {
                 "messages": [
@@ -171,7 +180,7 @@ class Task(ABC):
                     {"role": "assistant", "content": self.reference_response(p, reasoning)},
                 ]
             }
-            for p in self.split(split, n, seed=seed)
+            for p in problems
         ]
 
 

@@ -138,6 +138,14 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the stage's sequence length (default: FACTOR x the source's)",
     )
+    parser.add_argument(
+        "--yarn-beta-fast",
+        type=float,
+        default=None,
+        metavar="B",
+        help="YaRN's beta_fast for the stage (default V3's 32, or the source's when it has YaRN): rope "
+        "dimensions turning more than B times over the training length keep their frequency",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
     parser.add_argument(
@@ -165,7 +173,9 @@ def _extension_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConf
         raise ValueError("--from and --extend-context go together (a long-context extension stage)")
     if args.out is None:
         raise ValueError("--extend-context needs --out (the stage's own run directory)")
-    ext = extension(args.src, args.extend_context, seq_len=args.seq_len, steps=args.steps)
+    ext = extension(
+        args.src, args.extend_context, seq_len=args.seq_len, steps=args.steps, beta_fast=args.yarn_beta_fast
+    )
     model_cfg, train_cfg = apply_overrides(ext.model, ext.train, args.overrides)
     if args.data is None:
         args.data = ext.data
@@ -189,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.seq_len is not None:
             raise ValueError("--seq-len goes with --extend-context (elsewhere write seq_len=L)")
+        if args.yarn_beta_fast is not None:
+            raise ValueError("--yarn-beta-fast goes with --extend-context")
         model_cfg, train_cfg = build_configs(args.preset, args.overrides, args.steps)
     train_cfg = with_fp8(train_cfg, args.fp8)  # the flag is `fp8=true`'s short form
     if args.stop_at is not None and not 0 < args.stop_at <= train_cfg.steps:

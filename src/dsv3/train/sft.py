@@ -42,6 +42,7 @@ SFT_DEFAULTS = {
     "min_lr_ratio": 0.2,
     "batch_ramp_start": 1.0,
     "mtp_weight": 0.0,
+    "mtp_weight_final": 0.0,
     "dropout": 0.0,
     "fim_rate": 0.0,
     "eval_every": 0,
