@@ -8,8 +8,9 @@ Steps (each through the CLI a user runs):
    loss on the key only) mixed with text records, the needle samples from which the tiny model learns
    retrieval (the pre-training mix alone does not teach it at this budget, BENCHMARKS.md); the SFT run
    is then the stage's source;
-3. `dsv3 train --from RUN --extend-context 4 [--yarn-beta-fast B]` (one stage, dsv3.train.extend) on the pre-training text
-   mixed with passkey documents of up to 1024 tokens; with --x16 a second stage chained on it (x4 again);
+3. `dsv3 train --from RUN --extend-context 4 [--yarn-beta-fast B]` (one stage, dsv3.train.extend) on
+   the pre-training text mixed with passkey documents of up to 1024 tokens; with --x16 a second stage
+   chained on it (x4 again);
 4. bits per byte on the held-out last 10% of tinyshakespeare, by target position bucket (0-256, 256-1024,
    1024-4096) over windows of the extended length: the source model with plain RoPE (extrapolating), the
    source weights under the stage's YaRN config without training, and the stage's model;
