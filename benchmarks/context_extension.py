@@ -7,7 +7,8 @@ Steps (each through the CLI a user runs):
 2. with --sft-steps N: `dsv3 sft --from RUN` at 256 tokens on passkey prompt/completion records (the
    loss on the key only) mixed with text records, the needle samples from which the tiny model learns
    retrieval (the pre-training mix alone does not teach it at this budget, BENCHMARKS.md); the SFT run
-   is then the stage's source;
+   is then the stage's source; with --long-sft-steps N a second needle SFT at 1024 tokens follows the
+   stage, and its model is the one whose retrieval is reported after the stage;
 3. `dsv3 train --from RUN --extend-context 4 [--yarn-beta-fast B]` (one stage, dsv3.train.extend) on
    the pre-training text mixed with passkey documents of up to 1024 tokens; with --x16 a second stage
    chained on it (x4 again);
@@ -51,12 +52,14 @@ BUCKETS = ((0, 256), (256, 1024), (1024, 4096))
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def needle_sft(path: Path, text: str, tok: Tokenizer, needles: int, texts: int, seed: int) -> None:
+def needle_sft(
+    path: Path, text: str, tok: Tokenizer, needles: int, texts: int, seed: int, tokens: int = 256
+) -> None:
     """SFT JSONL: `needles` raw passkey prompt/completion records (TRL's format, the loss on " KEY") whose
-    prompts take up to ~250 tokens, at uniform depths, and `texts` 400-character text records (the loss on
-    every token) from `text`, shuffled."""
+    prompts take up to `tokens` - 6 tokens, at uniform depths, and `texts` 400-character text records (the
+    loss on every token) from `text`, shuffled."""
     rng = random.Random(seed)
-    longest = chars_for_tokens(tok, 250)
+    longest = chars_for_tokens(tok, tokens - 6)
     least = 200  # characters: the needle, the question and a little filler
     recs = []
     for i in range(needles):
@@ -155,7 +158,11 @@ def main() -> None:
     ap.add_argument("--needles", type=int, default=3000, help="passkey docs per stage's data")
     ap.add_argument("--sft-steps", type=int, default=0, help="steps of a needle SFT before the stage")
     ap.add_argument("--yarn-beta-fast", type=float, default=None, help="YaRN beta_fast (default V3's 32)")
-    ap.add_argument("--sft-needles", type=int, default=8000, help="passkey records of the needle SFT")
+    ap.add_argument("--sft-needles", type=int, default=10000, help="passkey records of a needle SFT")
+    ap.add_argument("--sft-texts", type=int, default=0, help="text records mixed into a needle SFT")
+    ap.add_argument(
+        "--long-sft-steps", type=int, default=0, help="steps of a needle SFT at 1024 tokens after the stage"
+    )
     ap.add_argument(
         "--no-split-digits", dest="split_digits", action="store_false", help="BPE may merge digits"
     )
@@ -188,7 +195,7 @@ def main() -> None:
         t = time.perf_counter()
         src = out / "native_sft"
         tok = Tokenizer.from_file(pre / "model")
-        needle_sft(out / "needles256.jsonl", train_text, tok, a.sft_needles, a.sft_needles // 8, seed=2)
+        needle_sft(out / "needles256.jsonl", train_text, tok, a.sft_needles, a.sft_texts, seed=2)
         rc = dsv3(["sft", "--from", str(pre), "--data", str(out / "needles256.jsonl"), "--out", str(src),
                    "--steps", str(a.sft_steps), "seq_len=256", "batch_size=16", "lr=1e-3", "val_frac=0.01",
                    *quiet[:1], "--overwrite"])  # fmt: skip
@@ -200,6 +207,19 @@ def main() -> None:
                "--data", str(out / "data1024.jsonl"), "--out", str(s4), *beta, *quiet])  # fmt: skip
     assert rc == 0, "the 4x stage failed"
     stage_s = time.perf_counter() - t
+    final, long_sft_s = s4, 0.0  # the model whose retrieval is reported "after"
+    if a.long_sft_steps:
+        t = time.perf_counter()
+        final = out / "x4_sft"
+        tok = Tokenizer.from_file(s4 / "model")
+        needle_sft(
+            out / "needles1024.jsonl", train_text, tok, a.sft_needles, a.sft_texts, seed=3, tokens=1024
+        )
+        rc = dsv3(["sft", "--from", str(s4), "--data", str(out / "needles1024.jsonl"), "--out", str(final),
+                   "--steps", str(a.long_sft_steps), "seq_len=1024", "batch_size=4", "lr=1e-3",
+                   "val_frac=0.01", *quiet[:1], "--overwrite"])  # fmt: skip
+        assert rc == 0, "the needle SFT at 1024 failed"
+        long_sft_s = time.perf_counter() - t
     stage16_s = None
     if a.x16:
         t = time.perf_counter()
@@ -229,9 +249,12 @@ def main() -> None:
         print(f"bpb {k:28s} " + "  ".join(f"{b}: {x:.3f}" for b, x in v.items()), flush=True)
 
     lengths = [256, 512, 1024]
+    after_label = "after the 4x stage" + (" + needle SFT at 1024" if a.long_sft_steps else "")
     grids = {
         "before (plain RoPE)": needle_grid(models["before (plain RoPE)"], tok, lengths, a.needle_n),
-        "after the 4x stage": needle_grid(models["after the 4x stage"], tok, lengths, a.needle_n),
+        after_label: needle_grid(
+            from_pretrained(final / "model", dtype=torch.float32).eval(), tok, lengths, a.needle_n
+        ),
     }
     for k, g in grids.items():
         print(f"needle {k}: " + "  ".join(f"{r['length']}@{r['depth']:.2f}={r['accuracy']:.2f}" for r in g))
@@ -248,11 +271,12 @@ def main() -> None:
         "bpb_4x_yarn_untrained": round(bpb["YaRN, no training"]["256-1024"], 4),
         "bpb_4x_after": round(after["256-1024"], 4),
         "bpb_native_before": round(before["0-256"], 4),
-        "needle_4x": round(mean_acc(grids["after the 4x stage"], 1024), 4),
+        "needle_4x": round(mean_acc(grids[after_label], 1024), 4),
         "needle_4x_before": round(mean_acc(grids["before (plain RoPE)"], 1024), 4),
-        "needle_native_after": round(mean_acc(grids["after the 4x stage"], 256), 4),
+        "needle_native_after": round(mean_acc(grids[after_label], 256), 4),
         "pretrain_seconds": round(pretrain_s, 1),
         "sft_seconds": round(sft_s, 1),
+        "long_sft_seconds": round(long_sft_s, 1),
         "stage_seconds": round(stage_s, 1),
         "stage16_seconds": None if stage16_s is None else round(stage16_s, 1),
         "seconds": round(time.perf_counter() - t0, 1),
