@@ -71,6 +71,22 @@ def needle_sft(
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
+def run_needle_sft(
+    src: Path, dst: Path, train_text: str, tokens: int, batch: int, steps: int, a: argparse.Namespace
+) -> float:
+    """`dsv3 sft` from `src` to `dst` at `tokens` tokens on a fresh needle SFT file (`needle_sft`, seeded by
+    the length); its wall-clock seconds."""
+    t = time.perf_counter()
+    data = dst.parent / f"needles{tokens}.jsonl"
+    tok = Tokenizer.from_file(src / "model")
+    needle_sft(data, train_text, tok, a.sft_needles, a.sft_texts, seed=tokens, tokens=tokens)
+    rc = dsv3(["sft", "--from", str(src), "--data", str(data), "--out", str(dst), "--steps", str(steps),
+               f"seq_len={tokens}", f"batch_size={batch}", "lr=1e-3", "val_frac=0.01", "--no-progress",
+               "--overwrite"])  # fmt: skip
+    assert rc == 0, f"the needle SFT at {tokens} tokens failed"
+    return time.perf_counter() - t
+
+
 def corpus(path: Path, text: str, needle_tokens: int, needles: int, seed: int) -> None:
     """JSONL: the text in ~2000-character documents plus `needles` passkey documents (prompt + answer)
     whose prompts take up to ~`needle_tokens` tokens at ~2 characters per token, shuffled."""
@@ -192,15 +208,8 @@ def main() -> None:
     # the needle SFT at the training length: the stage's source
     src, sft_s = pre, 0.0
     if a.sft_steps:
-        t = time.perf_counter()
         src = out / "native_sft"
-        tok = Tokenizer.from_file(pre / "model")
-        needle_sft(out / "needles256.jsonl", train_text, tok, a.sft_needles, a.sft_texts, seed=2)
-        rc = dsv3(["sft", "--from", str(pre), "--data", str(out / "needles256.jsonl"), "--out", str(src),
-                   "--steps", str(a.sft_steps), "seq_len=256", "batch_size=16", "lr=1e-3", "val_frac=0.01",
-                   *quiet[:1], "--overwrite"])  # fmt: skip
-        assert rc == 0, "the needle SFT failed"
-        sft_s = time.perf_counter() - t
+        sft_s = run_needle_sft(pre, src, train_text, 256, 16, a.sft_steps, a)
     t = time.perf_counter()
     beta = [] if a.yarn_beta_fast is None else ["--yarn-beta-fast", str(a.yarn_beta_fast)]
     rc = dsv3(["train", "--from", str(src), "--extend-context", "4", "--steps", str(a.stage_steps),
@@ -209,17 +218,8 @@ def main() -> None:
     stage_s = time.perf_counter() - t
     final, long_sft_s = s4, 0.0  # the model whose retrieval is reported "after"
     if a.long_sft_steps:
-        t = time.perf_counter()
         final = out / "x4_sft"
-        tok = Tokenizer.from_file(s4 / "model")
-        needle_sft(
-            out / "needles1024.jsonl", train_text, tok, a.sft_needles, a.sft_texts, seed=3, tokens=1024
-        )
-        rc = dsv3(["sft", "--from", str(s4), "--data", str(out / "needles1024.jsonl"), "--out", str(final),
-                   "--steps", str(a.long_sft_steps), "seq_len=1024", "batch_size=4", "lr=1e-3",
-                   "val_frac=0.01", *quiet[:1], "--overwrite"])  # fmt: skip
-        assert rc == 0, "the needle SFT at 1024 failed"
-        long_sft_s = time.perf_counter() - t
+        long_sft_s = run_needle_sft(s4, final, train_text, 1024, 4, a.long_sft_steps, a)
     stage16_s = None
     if a.x16:
         t = time.perf_counter()

@@ -80,18 +80,14 @@ def source_train_info(src: str | Path) -> dict[str, Any]:
 
 
 def yarn_model(
-    model: ModelConfig,
-    trained_len: int,
-    factor: float,
-    beta_fast: float | None = None,
-    beta_slow: float | None = None,
+    model: ModelConfig, trained_len: int, factor: float, beta_fast: float | None = None
 ) -> ModelConfig:
     """`model` with YaRN rope scaling extending a model trained at `trained_len` tokens by `factor`; a
     model already under YaRN keeps its original length and its betas and multiplies its factor.
 
-    beta_fast / beta_slow (default V3's 32 / 1, or the source's): rope dimensions that turn more than
-    beta_fast times over the original length keep their frequency, those that turn fewer than beta_slow
-    times are interpolated by the factor, a linear ramp between."""
+    The betas are V3's (32 / 1) or the source's, beta_fast set by `beta_fast`: rope dimensions that turn
+    more than beta_fast times over the original length keep their frequency, those that turn fewer than
+    beta_slow times are interpolated by the factor, a linear ramp between."""
     if not factor > 1:
         raise ValueError(f"--extend-context must be > 1, got {factor}")
     betas = {k: YARN_V3[k] for k in ("beta_fast", "beta_slow")}
@@ -107,8 +103,6 @@ def yarn_model(
         )
     if beta_fast is not None:
         betas["beta_fast"] = beta_fast
-    if beta_slow is not None:
-        betas["beta_slow"] = beta_slow
     if not 0 < betas["beta_slow"] <= betas["beta_fast"]:
         raise ValueError(
             f"YaRN betas must satisfy 0 < beta_slow <= beta_fast, got beta_slow={betas['beta_slow']} "
