@@ -17,6 +17,9 @@ Steps (each through the CLI a user runs):
    source weights under the stage's YaRN config without training, and the stage's model;
 5. passkey retrieval accuracy by length (tokens) x depth, greedy, raw prompts (`passkey_sweep`), before
    and after the stage: a heatmap PNG (the report's Figure 8 shape).
+6. where retrieval looks (`attention_split`): for the model scored after the stage, at 1024 tokens, the
+   attention mass each layer puts on the needle and the size of MLA's content (nope) and rotary (rope)
+   score parts, by the needle's distance from the question.
 
     python benchmarks/context_extension.py [--steps 700] [--sft-steps 0] [--stage-steps 40] [--x16]
         [--yarn-beta-fast 32]
@@ -43,7 +46,7 @@ from dsv3.checkpoint.hf import read_hf_config
 from dsv3.cli import main as dsv3
 from dsv3.config import ModelConfig
 from dsv3.inference import LLM
-from dsv3.tasks.passkey import PasskeyTask, chars_for_tokens, passkey_sweep
+from dsv3.tasks.passkey import PasskeyTask, chars_for_tokens, needle, passkey_sweep
 from dsv3.tokenizer import Tokenizer
 from dsv3.train.data import bundled_corpus_path
 from dsv3.train.extend import yarn_model
@@ -135,6 +138,58 @@ def load_as(model_dir: Path, config: ModelConfig) -> Transformer:
 def needle_grid(model: Transformer, tok: Tokenizer, lengths: list[int], n: int) -> list[dict]:
     llm = LLM(model, tokenizer=tok, max_seq_len=max(lengths) + 16, max_batch_size=16, dtype="float32")
     return passkey_sweep(llm, lengths, DEPTHS, n=n)
+
+
+@torch.no_grad()
+def attention_split(model: Transformer, tok: Tokenizer, length: int, n: int = 4) -> list[dict]:
+    """Where the query that predicts the key's first digit looks, for needles at each depth of `length`-
+    token prompts: per layer, the largest attention mass any head puts on the needle, and the mean |score|
+    of the query's row split into MLA's two parts, q_nope . k_nope (content only) and q_pe . k_pe (the
+    rotated part, which carries position), both times the softmax scale. A recording core is set as each
+    layer's `attn.attention` (the seam speed paths use) and the model's own cores are put back after."""
+    saved = [layer.attn.attention for layer in model.layers]
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    q_at: list[int] = [0]
+
+    def recorder(i: int, dn: int):
+        def core(q, k, v, mask, scale):  # noqa: ANN001, ANN202 (the AttentionFn contract)
+            qi = q[:, q_at[0]].float()  # [B, H, D]
+            nope = torch.einsum("bhd,bthd->bht", qi[..., :dn], k[..., :dn].float()) * scale
+            rope = torch.einsum("bhd,bthd->bht", qi[..., dn:], k[..., dn:].float()) * scale
+            keep = q_at[0] + 1
+            rows[i] = ((nope + rope)[..., :keep].softmax(-1), nope[..., :keep], rope[..., :keep])
+            return saved[i](q, k, v, mask, scale)
+
+        return core
+
+    for i, layer in enumerate(model.layers):
+        layer.attn.attention = recorder(i, layer.attn.qk_nope_head_dim)
+    out, rng = [], random.Random(7)
+    chars = chars_for_tokens(tok, length - 6)
+    try:
+        for depth in DEPTHS:
+            mass = torch.zeros(len(model.layers))
+            nope_abs = rope_abs = 0.0
+            for _ in range(n):
+                p = PasskeyTask(length=chars, depth=depth).sample(rng, "test")
+                ids = [tok.bos_id, *tok.encode(p.prompt)]
+                start = 1 + len(tok.encode(p.prompt[: p.prompt.index(needle(p.answer))]))
+                end = start + len(tok.encode(needle(p.answer)))
+                answer = tok.encode(" " + p.answer)
+                q_at[0] = len(ids)  # the " " token, whose output is the first digit
+                model(torch.tensor([ids + answer]))
+                for i, (prob, nope, rope) in rows.items():
+                    mass[i] += prob[0, :, start:end].sum(-1).max().item() / n
+                    nope_abs += nope.abs().mean().item()
+                    rope_abs += rope.abs().mean().item()
+            out.append({"depth": depth, "distance": round(length * (1 - depth)),
+                        "needle_mass": [round(x, 2) for x in mass.tolist()],
+                        "nope_abs": round(nope_abs / n / len(rows), 2),
+                        "rope_abs": round(rope_abs / n / len(rows), 2)})  # fmt: skip
+    finally:
+        for layer, core in zip(model.layers, saved):
+            layer.attn.attention = core
+    return out
 
 
 def heatmap(grids: dict[str, list[dict]], lengths: list[int], path: Path) -> None:
@@ -259,6 +314,10 @@ def main() -> None:
     for k, g in grids.items():
         print(f"needle {k}: " + "  ".join(f"{r['length']}@{r['depth']:.2f}={r['accuracy']:.2f}" for r in g))
     heatmap(grids, lengths, out.with_suffix(".png"))
+    split = attention_split(from_pretrained(final / "model", dtype=torch.float32).eval(), tok, 1024)
+    for r in split:
+        print(f"attention {after_label}, needle {r['distance']} tokens back: mass on the needle by layer "
+              f"{r['needle_mass']}, mean |score| nope {r['nope_abs']} rope {r['rope_abs']}")  # fmt: skip
 
     def mean_acc(grid: list[dict], max_len: int) -> float:
         cells = [r["accuracy"] for r in grid if r["length"] <= max_len]
@@ -274,6 +333,7 @@ def main() -> None:
         "needle_4x": round(mean_acc(grids[after_label], 1024), 4),
         "needle_4x_before": round(mean_acc(grids["before (plain RoPE)"], 1024), 4),
         "needle_native_after": round(mean_acc(grids[after_label], 256), 4),
+        "rope_over_nope_score": round(sum(r["rope_abs"] / r["nope_abs"] for r in split) / len(split), 2),
         "pretrain_seconds": round(pretrain_s, 1),
         "sft_seconds": round(sft_s, 1),
         "long_sft_seconds": round(long_sft_s, 1),

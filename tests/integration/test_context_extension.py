@@ -5,6 +5,7 @@ length."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from dsv3.cli import main
 from dsv3.config import ModelConfig
 from dsv3.tasks import get_task
 from dsv3.tasks.distill import write_jsonl
+from dsv3.tokenizer import Tokenizer
 from dsv3.train.data import bundled_corpus_path
 from dsv3.train.extend import extension, yarn_model
 from dsv3.train.metrics import read_metrics
 
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["batch_size=4", "eval_batches=1", "sample_tokens=0", "eval_every=0", "ckpt_every=0"]
 
 
@@ -147,3 +150,28 @@ def test_extension_options_are_checked(source, tmp_path):
     assert (
         main(["train", "--from", str(tmp_path), "--extend-context", "2", "--out", str(tmp_path / "z")]) == 2
     )
+
+
+def test_attention_split_of_the_benchmark(source):
+    """The benchmark's probe of where retrieval looks: a mass in [0, 1] per layer and depth, the model's own
+    attention cores put back, and the score split real (no rotary queries -> no rope part)."""
+    spec = importlib.util.spec_from_file_location("ctx_bench", ROOT / "benchmarks" / "context_extension.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = from_pretrained(source / "model", dtype=torch.float32).eval()
+    tok = Tokenizer.from_file(source / "model")
+    cores = [layer.attn.attention for layer in model.layers]
+    rows = bench.attention_split(model, tok, 200, n=1)
+    assert [r["depth"] for r in rows] == list(bench.DEPTHS)
+    assert all(len(r["needle_mass"]) == len(model.layers) for r in rows)
+    assert all(0 <= m <= 1 for r in rows for m in r["needle_mass"])
+    assert all(r["nope_abs"] > 0 and r["rope_abs"] > 0 for r in rows)
+    assert [layer.attn.attention for layer in model.layers] == cores
+    with torch.no_grad():
+        for layer in model.layers:  # zero the rotary rows of every head's query
+            a = layer.attn
+            w = a.wq_b.weight.view(a.n_heads, a.qk_head_dim, -1)
+            w[:, a.qk_nope_head_dim :] = 0
+    rows = bench.attention_split(model, tok, 200, n=1)
+    assert all(r["rope_abs"] == 0 and r["nope_abs"] > 0 for r in rows)
