@@ -56,17 +56,27 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def needle_sft(
-    path: Path, text: str, tok: Tokenizer, needles: int, texts: int, seed: int, tokens: int = 256
+    path: Path,
+    text: str,
+    tok: Tokenizer,
+    needles: int,
+    texts: int,
+    seed: int,
+    tokens: int = 256,
+    full: float = 0.0,
 ) -> None:
     """SFT JSONL: `needles` raw passkey prompt/completion records (TRL's format, the loss on " KEY") whose
     prompts take up to `tokens` - 6 tokens, at uniform depths, and `texts` 400-character text records (the
-    loss on every token) from `text`, shuffled."""
+    loss on every token) from `text`, shuffled. A fraction `full` of the prompts take the whole window and
+    the rest a uniform length: with uniform lengths, a needle's distance from the question is the product
+    of two uniforms, so far needles are rare (4% beyond 3/4 of the window; 20% with full = 0.75)."""
     rng = random.Random(seed)
     longest = chars_for_tokens(tok, tokens - 6)
     least = 200  # characters: the needle, the question and a little filler
     recs = []
     for i in range(needles):
-        task = PasskeyTask(length=rng.randint(least, max(least, longest)), depth=rng.random())
+        chars = longest if rng.random() < full else rng.randint(least, max(least, longest))
+        task = PasskeyTask(length=max(least, chars), depth=rng.random())
         recs += task.sft_records(1, seed=seed * 1_000_003 + i, chat=False)
     starts = rng.sample(range(0, len(text) - 400), texts)
     recs += [{"text": text[i : i + 400]} for i in starts]
@@ -75,16 +85,24 @@ def needle_sft(
 
 
 def run_needle_sft(
-    src: Path, dst: Path, train_text: str, tokens: int, batch: int, steps: int, a: argparse.Namespace
+    src: Path,
+    dst: Path,
+    train_text: str,
+    tokens: int,
+    batch: int,
+    steps: int,
+    a: argparse.Namespace,
+    lr: float = 1e-3,
+    full: float = 0.0,
 ) -> float:
     """`dsv3 sft` from `src` to `dst` at `tokens` tokens on a fresh needle SFT file (`needle_sft`, seeded by
     the length); its wall-clock seconds."""
     t = time.perf_counter()
     data = dst.parent / f"needles{tokens}.jsonl"
     tok = Tokenizer.from_file(src / "model")
-    needle_sft(data, train_text, tok, a.sft_needles, a.sft_texts, seed=tokens, tokens=tokens)
+    needle_sft(data, train_text, tok, a.sft_needles, a.sft_texts, seed=tokens, tokens=tokens, full=full)
     rc = dsv3(["sft", "--from", str(src), "--data", str(data), "--out", str(dst), "--steps", str(steps),
-               f"seq_len={tokens}", f"batch_size={batch}", "lr=1e-3", "val_frac=0.01", "--no-progress",
+               f"seq_len={tokens}", f"batch_size={batch}", f"lr={lr}", "val_frac=0.01", "--no-progress",
                "--overwrite"])  # fmt: skip
     assert rc == 0, f"the needle SFT at {tokens} tokens failed"
     return time.perf_counter() - t
@@ -234,6 +252,11 @@ def main() -> None:
     ap.add_argument(
         "--long-sft-steps", type=int, default=0, help="steps of a needle SFT at 1024 tokens after the stage"
     )
+    ap.add_argument("--long-sft-lr", type=float, default=1e-3, help="peak LR of the needle SFT at 1024")
+    ap.add_argument("--long-sft-batch", type=int, default=4, help="rows of 1024 tokens per step")
+    ap.add_argument(
+        "--long-sft-full", type=float, default=0.0, help="fraction of its prompts that fill the window"
+    )
     ap.add_argument(
         "--no-split-digits", dest="split_digits", action="store_false", help="BPE may merge digits"
     )
@@ -274,7 +297,9 @@ def main() -> None:
     final, long_sft_s = s4, 0.0  # the model whose retrieval is reported "after"
     if a.long_sft_steps:
         final = out / "x4_sft"
-        long_sft_s = run_needle_sft(s4, final, train_text, 1024, 4, a.long_sft_steps, a)
+        long_sft_s = run_needle_sft(
+            s4, final, train_text, 1024, a.long_sft_batch, a.long_sft_steps, a, a.long_sft_lr, a.long_sft_full
+        )
     stage16_s = None
     if a.x16:
         t = time.perf_counter()
