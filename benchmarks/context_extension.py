@@ -22,7 +22,10 @@ Steps (each through the CLI a user runs):
    score parts, by the needle's distance from the question.
 
     python benchmarks/context_extension.py [--steps 700] [--sft-steps 0] [--stage-steps 40] [--x16]
-        [--yarn-beta-fast 32]
+        [--yarn-beta-fast 32] [--long-sft-steps 0 --long-sft-lr 1e-3 --long-sft-batch 4 --long-sft-full 0]
+
+The retrieval recipe of BENCHMARKS.md: --sft-steps 1000 --yarn-beta-fast 4 --stage-steps 150
+--long-sft-steps 700 --long-sft-lr 5e-4 --long-sft-batch 8 --long-sft-full 0.75.
 
 Last line: JSON {bpb_native, bpb_4x_before, bpb_4x_after, bpb_4x_yarn_untrained, needle_4x, seconds, ...}.
 """

@@ -111,13 +111,13 @@ def test_bad_specs():
         parse_reward("task")
 
 
-def test_reward_model_spec_without_the_module_is_a_clear_error():
-    import importlib.util
-
-    if importlib.util.find_spec("dsv3.rl.reward_model") is not None:
-        pytest.skip("dsv3.rl.reward_model exists: rm:RUN_DIR is tested with the reward model")
-    with pytest.raises(ValueError, match="reward models: not available"):
-        parse_reward("rm:/nowhere")
+def test_reward_model_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs the reward model's run directory"):
+        parse_reward("rm:")
+    with pytest.raises(ValueError, match="not a reward model run directory"):
+        parse_reward(f"rm:{tmp_path}")
+    with pytest.raises(ValueError, match="weight"):
+        parse_reward(f"rm:{tmp_path}@x")
 
 
 def test_engine_logprobs_match_the_model():

@@ -23,8 +23,6 @@ function, never broadcast.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -93,10 +91,10 @@ def _split_weight(spec: str) -> tuple[str, float]:
 
 
 def load_reward_model_fn(run_dir: str) -> RewardFunc:
-    """`rm:RUN_DIR`: a reward model's scorer (dsv3.rl.reward_model, built separately)."""
-    if importlib.util.find_spec("dsv3.rl.reward_model") is None:
-        raise ValueError("reward models: not available (dsv3.rl.reward_model is not installed)")
-    return importlib.import_module("dsv3.rl.reward_model").load_reward_model(run_dir)
+    """`rm:RUN_DIR`: the scorer of a `dsv3 rm` run (dsv3.rl.reward_model, imported on first use)."""
+    from dsv3.rl.reward_model import load_reward_model
+
+    return load_reward_model(run_dir)
 
 
 def parse_reward(spec: str, task: Task | None = None, registry: TaskRegistry | None = None) -> Reward:
