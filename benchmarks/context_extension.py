@@ -74,12 +74,12 @@ def needle_sft(
     the rest a uniform length: with uniform lengths, a needle's distance from the question is the product
     of two uniforms, so far needles are rare (4% beyond 3/4 of the window; 20% with full = 0.75)."""
     rng = random.Random(seed)
-    longest = chars_for_tokens(tok, tokens - 6)
     least = 200  # characters: the needle, the question and a little filler
+    longest = max(least, chars_for_tokens(tok, tokens - 6))
     recs = []
     for i in range(needles):
-        chars = longest if rng.random() < full else rng.randint(least, max(least, longest))
-        task = PasskeyTask(length=max(least, chars), depth=rng.random())
+        chars = longest if rng.random() < full else rng.randint(least, longest)
+        task = PasskeyTask(length=chars, depth=rng.random())
         recs += task.sft_records(1, seed=seed * 1_000_003 + i, chat=False)
     starts = rng.sample(range(0, len(text) - 400), texts)
     recs += [{"text": text[i : i + 400]} for i in starts]

@@ -80,3 +80,22 @@ def eos_heavy_debug_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("eos_heavy") / "model"
     save_pretrained(model, path, dtype=torch.float32, tokenizer=tok)
     return path
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A factory: `load_benchmark("distill")` imports benchmarks/distill.py as a module (benchmarks are
+    scripts, not a package), so a test can call its functions or its `main`."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", root / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

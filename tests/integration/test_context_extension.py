@@ -5,7 +5,6 @@ length."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from dsv3.train.data import bundled_corpus_path
 from dsv3.train.extend import extension, yarn_model
 from dsv3.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
 FAST = ["batch_size=4", "eval_batches=1", "sample_tokens=0", "eval_every=0", "ckpt_every=0"]
 
 
@@ -152,13 +150,10 @@ def test_extension_options_are_checked(source, tmp_path):
     )
 
 
-def test_attention_split_of_the_benchmark(source):
+def test_attention_split_of_the_benchmark(source, load_benchmark):
     """The benchmark's probe of where retrieval looks: a mass in [0, 1] per layer and depth, the model's own
     attention cores put back, and the score split real (no rotary queries -> no rope part)."""
-    spec = importlib.util.spec_from_file_location("ctx_bench", ROOT / "benchmarks" / "context_extension.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("context_extension")
     model = from_pretrained(source / "model", dtype=torch.float32).eval()
     tok = Tokenizer.from_file(source / "model")
     cores = [layer.attn.attention for layer in model.layers]

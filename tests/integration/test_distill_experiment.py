@@ -3,30 +3,19 @@ students (distilled reasoning vs answers only, same prompts), held-out evaluatio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
 
 from dsv3.tasks import get_task
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("distill_benchmark", ROOT / "benchmarks" / "distill.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _records(path: Path) -> list[list[dict]]:
     return [json.loads(line)["messages"] for line in path.read_text().splitlines() if line]
 
 
-def test_quick_distillation_pipeline(tmp_path, capsys):
-    bench = _load_benchmark()
+def test_quick_distillation_pipeline(tmp_path, capsys, load_benchmark):
+    bench = load_benchmark("distill")
     result = bench.main(["--quick", "--work", str(tmp_path)])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result
